@@ -1,0 +1,566 @@
+"""Datasets, splits, augmentation presets, image decoding and the demo-data generator.
+
+python -c "import dataset; dataset.make_demo_data('data/demo')"     # the bundled demo data
+python -c "import dataset; d = dataset.MaskSplitByProfileDataset('data/demo/train/images'); print(len(d))"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from utils import UserError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+# Mean/std of the competition's training images, as the seed baseline used them (RGB, 0..1 scale).
+SEED_MEAN, SEED_STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------------------------------------------
+# Labels of the mask competition: class = mask * 6 + gender * 3 + age.
+MASK_FILES = {f"mask{i}": 0 for i in range(1, 6)} | {"incorrect_mask": 1, "normal": 2}
+MASK_NAMES = ("wear", "incorrect", "not wear")
+GENDERS = {"male": 0, "female": 1}
+GENDER_NAMES = ("male", "female")
+DEFAULT_AGE_BOUNDS = (30, 60)
+
+
+def age_band(age: int, bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> int:
+    """0 below bounds[0], 1 from bounds[0] to bounds[1] - 1, 2 from bounds[1] on."""
+    return int(age >= bounds[0]) + int(age >= bounds[1])
+
+
+def age_names(bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> tuple[str, str, str]:
+    return (f"<{bounds[0]}", f"{bounds[0]}-{bounds[1] - 1}", f">={bounds[1]}")
+
+
+def encode(mask: Any, gender: Any, age: Any) -> Any:
+    """18-class label from mask (0-2), gender (0-1) and age band (0-2); works on ints and arrays."""
+    return mask * 6 + gender * 3 + age
+
+
+def decode(label: Any) -> tuple[Any, Any, Any]:
+    """(mask, gender, age band) of an 18-class label; works on ints and arrays."""
+    return label // 6, (label // 3) % 2, label % 3
+
+
+def mask_class_names(bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> list[str]:
+    """The 18 class names, e.g. 'wear/female/<30', in label order."""
+    names = []
+    for label in range(18):
+        m, g, a = decode(label)
+        names.append(f"{MASK_NAMES[m]}/{GENDER_NAMES[g]}/{age_names(bounds)[a]}")
+    return names
+
+
+def parse_profile(name: str) -> tuple[str, int, str, int]:
+    """(id, gender, race, age) of a person folder `{id}_{gender}_{race}_{age}`; ValueError saying why not."""
+    parts = name.split("_")
+    if len(parts) != 4:
+        raise ValueError("expected {id}_{gender}_{race}_{age}")
+    pid, gender, race, age = parts
+    if gender.lower() not in GENDERS:
+        raise ValueError(f"gender '{gender}' is not male or female")
+    if not age.isdigit():
+        raise ValueError(f"age '{age}' is not a whole number")
+    return pid, GENDERS[gender.lower()], race, int(age)
+
+
+def is_hidden(path: Path) -> bool:
+    """Hidden files and macOS resource forks (`._x.jpg`) are never images."""
+    return path.name.startswith(".")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding.
+def load_image(path: str | os.PathLike, min_size: Sequence[int] | None = None) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied.
+
+    With `min_size` (H, W), a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at least
+    that large (PIL draft mode): several times faster, and the resize that follows gives the same picture.
+    """
+    try:
+        with Image.open(path) as image:
+            if min_size is not None and image.format == "JPEG":
+                h, w = int(min_size[0]), int(min_size[1])
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
+                    h, w = w, h
+                image.draft("RGB", (w, h))
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splits.
+def stratified_group_split(
+    groups: Sequence[Any], strata: Sequence[Any], val_ratio: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of items such that every group lies on one side.
+
+    Exactly round(val_ratio * number of groups) groups go to validation (at least one, never all), shared
+    out over the strata (one stratum per group, e.g. the person's gender x age class) in proportion to their
+    size by largest remainder. Deterministic for a seed; every item appears exactly once.
+    """
+    groups = np.asarray(groups)
+    uniq, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    group_strata = np.asarray(strata)[first]
+    n_groups = len(uniq)
+    if n_groups < 2:
+        raise UserError(f"a split needs at least 2 persons/groups, found {n_groups}: add data or lower --val_ratio")
+    n_val = min(max(1, round(val_ratio * n_groups)), n_groups - 1)
+
+    rng = np.random.default_rng(seed)
+    levels, counts = np.unique(group_strata, return_counts=True)
+    quota = counts * n_val / n_groups
+    take = np.floor(quota).astype(int)
+    # Largest remainders get the leftover places; ties broken at random so no stratum is always favoured.
+    order = np.lexsort((rng.random(len(levels)), -(quota - take)))
+    take[order[: n_val - take.sum()]] += 1
+
+    val_groups = []
+    for level, k in zip(levels, take, strict=True):
+        members = np.flatnonzero(group_strata == level)
+        val_groups.extend(rng.permutation(members)[:k])
+    is_val = np.zeros(n_groups, dtype=bool)
+    is_val[val_groups] = True
+    item_is_val = is_val[inverse]
+    return np.flatnonzero(~item_is_val), np.flatnonzero(item_is_val)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets.
+class MaskBaseDataset(Dataset):
+    """Mask-competition images split by image: a person's photos land on both sides (leaky validation)."""
+
+    num_classes = 18
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        val_ratio: float = 0.2,
+        seed: int = 42,
+        age_bounds: Sequence[int] = DEFAULT_AGE_BOUNDS,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.val_ratio = val_ratio
+        self.seed = seed
+        self.age_bounds = tuple(age_bounds)
+        self.class_names = mask_class_names(self.age_bounds)
+        # Per-instance lists: two datasets never share state.
+        self.image_paths: list[Path] = []
+        self.persons: list[str] = []
+        self.mask_labels: list[int] = []
+        self.gender_labels: list[int] = []
+        self.ages: list[int] = []
+        self.setup()
+
+    def setup(self) -> None:
+        """Index every `{id}_{gender}_{race}_{age}/{mask1..5,incorrect_mask,normal}.{jpg,jpeg,png}`."""
+        if not self.data_dir.is_dir():
+            raise UserError(f"data directory {self.data_dir} does not exist: pass --data_dir or set SM_CHANNEL_TRAIN")
+        bad = []
+        for folder in sorted(p for p in self.data_dir.iterdir() if p.is_dir() and not is_hidden(p)):
+            try:
+                _, gender, _, age = parse_profile(folder.name)
+            except ValueError as e:
+                bad.append(f"{folder.name} ({e})")
+                continue
+            for path in sorted(folder.iterdir()):
+                if is_hidden(path) or path.suffix.lower() not in IMG_EXTENSIONS:
+                    continue
+                mask = MASK_FILES.get(path.stem.lower())
+                if mask is None:
+                    continue
+                self.image_paths.append(path)
+                self.persons.append(folder.name)
+                self.mask_labels.append(mask)
+                self.gender_labels.append(gender)
+                self.ages.append(age)
+        if bad:
+            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise UserError(
+                f"{len(bad)} folder name(s) in {self.data_dir} do not parse: {shown}. Rename or remove them"
+            )
+        if not self.image_paths:
+            raise UserError(
+                f"no images found in {self.data_dir}: expected {{id}}_{{gender}}_{{race}}_{{age}}/mask1.jpg ... "
+                "folders (pass the train/images directory as --data_dir)"
+            )
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The 18-class label of every image."""
+        bands = [age_band(a, self.age_bounds) for a in self.ages]
+        return encode(np.asarray(self.mask_labels), np.asarray(self.gender_labels), np.asarray(bands))
+
+    def label_text(self, label: int) -> str:
+        return self.class_names[int(label)]
+
+    def split_dataset(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (train, val): a seeded random split of images, stratified by class."""
+        return stratified_group_split(np.arange(len(self)), self.labels, self.val_ratio, self.seed)
+
+    def read_image(self, index: int, min_size: Sequence[int] | None = None) -> Image.Image:
+        return load_image(self.image_paths[index], min_size)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.read_image(index), int(self.labels[index])
+
+
+class MaskSplitByProfileDataset(MaskBaseDataset):
+    """Mask-competition images split by person, stratified by gender x age (honest validation; the default)."""
+
+    def split_dataset(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (train, val): all photos of a person on one side, persons stratified by gender x age band."""
+        bands = np.asarray([age_band(a, self.age_bounds) for a in self.ages])
+        strata = np.asarray(self.gender_labels) * 3 + bands
+        return stratified_group_split(self.persons, strata, self.val_ratio, self.seed)
+
+
+class ImageSubset(Dataset):
+    """A view of some of a dataset's images with its own transform (train and validation never share one)."""
+
+    def __init__(
+        self, dataset: MaskBaseDataset, indices: Sequence[int], transform: Callable, min_size: Sequence[int] | None
+    ) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.min_size = min_size
+        self.targets = np.asarray(dataset.labels)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.dataset.read_image(int(self.indices[i]), self.min_size)
+        return self.transform(image), int(self.targets[i])
+
+
+class TestDataset(Dataset):
+    """The images of `{eval_dir}/info.csv` (column ImageID) in `{eval_dir}/images`, in the CSV's order."""
+
+    def __init__(
+        self, eval_dir: str | os.PathLike, transform: Callable | None = None, min_size: Sequence[int] | None = None
+    ) -> None:
+        self.eval_dir = Path(eval_dir)
+        info_path = self.eval_dir / "info.csv"
+        if not info_path.is_file():
+            raise UserError(f"{info_path} does not exist: pass the eval directory (with info.csv) as --data_dir")
+        self.info = pd.read_csv(info_path, dtype={"ImageID": str})
+        if "ImageID" not in self.info.columns:
+            raise UserError(f"{info_path} has no ImageID column (columns: {', '.join(self.info.columns)})")
+        self.image_ids = self.info["ImageID"].tolist()
+        self.image_paths = [self.eval_dir / "images" / i for i in self.image_ids]
+        missing = [str(p) for p in self.image_paths if not p.is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} image(s) listed in {info_path} are missing, e.g. {missing[0]}")
+        self.transform = transform
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = load_image(self.image_paths[index], self.min_size)
+        return (self.transform(image) if self.transform else image), index
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation presets: each gives `train_transform` (random) and `eval_transform` (deterministic, used by
+# validation and inference), both PIL image -> normalized CHW float tensor of size `resize` = (H, W), and
+# `load_size`, the smallest (H, W) an image must be decoded at for them (see `load_image`).
+class AddGaussianNoise:
+    """Add N(mean, std) noise to a tensor (after normalization, so `std` is in units of the data's std)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 0.05) -> None:
+        self.mean, self.std = mean, std
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + torch.randn_like(tensor) * self.std + self.mean
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+class CenterCropFraction:
+    """Keep the central `fraction` (H, W) of a PIL image, whatever size it was decoded at."""
+
+    def __init__(self, fraction: Sequence[float]) -> None:
+        self.fraction = tuple(fraction)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        return transforms.functional.center_crop(image, [round(h * self.fraction[0]), round(w * self.fraction[1])])
+
+
+class BaseAugmentation:
+    """Resize, to tensor, normalize (the seed's preset); train and eval transforms are the same."""
+
+    def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
+        self.load_size = tuple(resize)
+        self.train_transform = self.eval_transform = transforms.Compose(
+            [
+                transforms.Resize(tuple(resize), interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=mean, std=std),
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.train_transform(image)
+
+
+class CustomAugmentation(BaseAugmentation):
+    """Center crop (the seed's 320x256 of 512x384), resize, color jitter and Gaussian noise for training."""
+
+    crop_fraction = (320 / 512, 256 / 384)
+
+    def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
+        h, w = resize
+        self.load_size = (math.ceil(h / self.crop_fraction[0]), math.ceil(w / self.crop_fraction[1]))
+        crop_resize = [
+            CenterCropFraction(self.crop_fraction),
+            transforms.Resize((h, w), interpolation=transforms.InterpolationMode.BILINEAR),
+        ]
+        tail = [transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)]
+        self.train_transform = transforms.Compose(
+            [*crop_resize, transforms.ColorJitter(0.1, 0.1, 0.1, 0.1), *tail, AddGaussianNoise(std=0.05)]
+        )
+        self.eval_transform = transforms.Compose([*crop_resize, *tail])
+
+
+class AlbumentationsAugmentation(BaseAugmentation):
+    """Albumentations: flips, small shifts/scales/rotations, brightness/contrast and hue for training."""
+
+    def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
+        import albumentations as A
+        from albumentations.pytorch import ToTensorV2
+
+        h, w = resize
+        self.load_size = (h, w)
+        tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+        train = A.Compose(
+            [
+                A.Resize(h, w),
+                A.HorizontalFlip(p=0.5),
+                A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10), p=0.7),
+                A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+                A.HueSaturationValue(10, 15, 10, p=0.3),
+                *tail,
+            ]
+        )
+        evaluate = A.Compose([A.Resize(h, w), *tail])
+        self.train_transform = _AlbumentationsCall(train)
+        self.eval_transform = _AlbumentationsCall(evaluate)
+
+
+class _AlbumentationsCall:
+    """PIL image -> tensor through an albumentations pipeline, seeded from torch in each process.
+
+    Albumentations keeps its own random state, which loader workers would otherwise all copy from the main
+    process: every worker, and every epoch of non-persistent workers, would repeat the same augmentations.
+    torch gives each worker a distinct seed per epoch (derived from the loader's seeded generator), so
+    re-seeding from it makes augmentation both varied and repeatable.
+    """
+
+    def __init__(self, compose: Any) -> None:
+        self.compose = compose
+        self.seeded_for: tuple[int, int] | None = None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        key = (os.getpid(), torch.initial_seed())
+        if key != self.seeded_for:
+            self.compose.set_random_seed(torch.initial_seed() % 2**32)
+            self.seeded_for = key
+        return self.compose(image=np.asarray(image))["image"]
+
+
+def compute_mean_std(
+    paths: Sequence[str | os.PathLike], min_size: Sequence[int] | None, max_images: int = 256, seed: int = 0
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0..1 scale) over all pixels of a random sample of images.
+
+    The std is that of the pooled pixels, sqrt(E[x^2] - E[x]^2), not an average of per-image stds.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(paths), size=min(max_images, len(paths)), replace=False)
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for i in chosen:
+        pixels = np.asarray(load_image(paths[i], min_size), dtype=np.float64).reshape(-1, 3) / 255.0
+        total += pixels.sum(0)
+        total_sq += (pixels**2).sum(0)
+        count += len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Demo data: a small synthetic set in exactly the competition layout, with visible cues for each task:
+# the mask covers nose and mouth (wear), only mouth and chin (incorrect) or nothing (not wear); hair is
+# short for men and long for women; hair gets lighter with age (dark below 30, grey, white from 60).
+DEMO_SIZE = (512, 384)  # (H, W) of the competition's portrait photos
+_MASK_COLORS = [(236, 236, 236), (150, 190, 230), (40, 40, 45), (230, 160, 185), (90, 150, 90)]
+
+
+def _draw_photo(
+    person: dict[str, Any], mask_style: int | None, mask_kind: int, rng: np.random.Generator
+) -> Image.Image:
+    """One 384x512 photo of `person`; mask_kind 0 wear, 1 incorrect, 2 none."""
+    H, W = DEMO_SIZE
+    image = Image.new("RGB", (W, H), person["background"])
+    draw = ImageDraw.Draw(image)
+    cx = person["cx"] + rng.integers(-12, 13)
+    cy = person["cy"] + rng.integers(-12, 13)
+    rx, ry = person["rx"], person["ry"]
+    draw.rectangle([0, H - 70, W, H], fill=person["stripe"])  # floor/background variation
+    draw.ellipse([cx - 1.6 * rx, cy + ry - 10, cx + 1.6 * rx, cy + 3.5 * ry], fill=person["shirt"])  # shoulders
+    hair = person["hair"]
+    if person["gender"] == 1:  # long hair behind the face, down to the shoulders
+        draw.rounded_rectangle([cx - 1.25 * rx, cy - 1.15 * ry, cx + 1.25 * rx, cy + 1.3 * ry], radius=60, fill=hair)
+    draw.rectangle([cx - 0.35 * rx, cy + 0.8 * ry, cx + 0.35 * rx, cy + 1.2 * ry], fill=person["skin"])  # neck
+    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=person["skin"])
+    if person["gender"] == 0:  # short hair: a cap on top of the head
+        draw.chord([cx - 1.05 * rx, cy - 1.12 * ry, cx + 1.05 * rx, cy + 0.1 * ry], 180, 360, fill=hair)
+    else:  # fringe
+        draw.chord([cx - 1.05 * rx, cy - 1.12 * ry, cx + 1.05 * rx, cy - 0.2 * ry], 180, 360, fill=hair)
+    for side in (-1, 1):  # eyes
+        ex, ey = cx + side * 0.38 * rx, cy - 0.12 * ry
+        draw.ellipse([ex - 11, ey - 7, ex + 11, ey + 7], fill=(250, 250, 250))
+        draw.ellipse([ex - 5, ey - 5, ex + 5, ey + 5], fill=(35, 30, 30))
+    for k in range(person["wrinkles"]):  # forehead lines come with age
+        y = cy - 0.38 * ry + 9 * k
+        draw.line([cx - 0.35 * rx, y, cx + 0.35 * rx, y], fill=tuple(int(c * 0.7) for c in person["skin"]), width=3)
+    nose = tuple(int(c * 0.8) for c in person["skin"])
+    draw.polygon([(cx, cy + 0.02 * ry), (cx - 0.13 * rx, cy + 0.3 * ry), (cx + 0.13 * rx, cy + 0.3 * ry)], fill=nose)
+    draw.ellipse([cx - 0.25 * rx, cy + 0.48 * ry, cx + 0.25 * rx, cy + 0.62 * ry], fill=(175, 60, 70))  # mouth
+    if mask_kind < 2:
+        top = cy + (0.0 if mask_kind == 0 else 0.4) * ry
+        color = _MASK_COLORS[mask_style]
+        draw.rounded_rectangle([cx - 0.92 * rx, top, cx + 0.92 * rx, cy + 0.95 * ry], radius=25, fill=color)
+        if mask_style == 4:  # a patterned mask
+            for x in range(int(cx - 0.8 * rx), int(cx + 0.8 * rx), 18):
+                draw.line([x, top + 8, x, cy + 0.85 * ry], fill=(60, 110, 60), width=4)
+        for side in (-1, 1):  # ear straps
+            draw.line([cx + side * 0.9 * rx, top + 10, cx + side * 1.02 * rx, cy - 0.05 * ry], fill=color, width=4)
+    gain = rng.uniform(0.85, 1.15)  # lighting differs between photos
+    array = np.asarray(image, dtype=np.float32) * gain + rng.normal(0, 6, (H, W, 3))
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def _random_person(rng: np.random.Generator) -> dict[str, Any]:
+    H, W = DEMO_SIZE
+    gender = int(rng.random() < 0.6)  # the competition has more women than men
+    band = int(rng.choice(3, p=[0.45, 0.42, 0.13]))  # and few people over 60
+    age = int(rng.integers(18, 30)) if band == 0 else int(rng.integers(30, 60)) if band == 1 else 60
+    # Hair lightness grows with age, with spread, so the age bands overlap a little near 30 and 60.
+    light = float(np.clip(35 + (age - 18) * 4.4 + rng.normal(0, 12), 15, 240))
+    tint = rng.uniform(0.75, 0.95) if age < 60 else 0.97
+    skin_base = rng.uniform(0.55, 1.0)
+    return {
+        "gender": gender,
+        "age": age,
+        "hair": (int(light), int(light * tint), int(light * tint * tint)),
+        "wrinkles": 0 if age < 30 else 2 if age < 60 else 4,
+        "skin": (int(235 * skin_base), int(190 * skin_base), int(160 * skin_base)),
+        "background": tuple(int(v) for v in rng.integers(60, 230, 3)),
+        "stripe": tuple(int(v) for v in rng.integers(40, 200, 3)),
+        "shirt": tuple(int(v) for v in rng.integers(20, 235, 3)),
+        "cx": W // 2 + int(rng.integers(-20, 21)),
+        "cy": int(H * 0.42) + int(rng.integers(-20, 21)),
+        "rx": int(rng.integers(82, 100)),
+        "ry": int(rng.integers(108, 126)),
+    }
+
+
+def _person_photos(person: dict[str, Any], rng: np.random.Generator) -> dict[str, Image.Image]:
+    """The seven shots of one person, by file stem."""
+    incorrect_style = int(rng.integers(0, 5))
+    photos = {f"mask{i + 1}": _draw_photo(person, i, 0, rng) for i in range(5)}
+    photos["incorrect_mask"] = _draw_photo(person, incorrect_style, 1, rng)
+    photos["normal"] = _draw_photo(person, None, 2, rng)
+    return photos
+
+
+def make_demo_data(root: str | os.PathLike, n_train: int = 150, n_eval: int = 40, seed: int = 0) -> Path:
+    """Write the demo data set to `root` (train/images, train/train.csv, eval/images, eval/info.csv and
+    eval/truth.csv with the true classes) and return `root`. Deterministic for a seed.
+
+    Built in a temporary directory and renamed into place, so an interrupted run never leaves half a set.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        rng = np.random.default_rng(seed)
+        rows = []
+        (tmp / "train/images").mkdir(parents=True)
+        for i in range(n_train):
+            person = _random_person(rng)
+            folder = f"{i + 1:06d}_{GENDER_NAMES[person['gender']]}_Asian_{person['age']}"
+            (tmp / "train/images" / folder).mkdir()
+            for stem, photo in _person_photos(person, rng).items():
+                photo.save(tmp / "train/images" / folder / f"{stem}.jpg", quality=90)
+            rows.append(
+                {
+                    "id": f"{i + 1:06d}",
+                    "gender": GENDER_NAMES[person["gender"]],
+                    "race": "Asian",
+                    "age": person["age"],
+                    "path": folder,
+                }
+            )
+        pd.DataFrame(rows).to_csv(tmp / "train/train.csv", index=False)
+
+        (tmp / "eval/images").mkdir(parents=True)
+        truth = []
+        for i in range(n_eval):
+            person = _random_person(rng)
+            for stem, photo in _person_photos(person, rng).items():
+                name = hashlib.sha1(f"demo-{seed}-{i}-{stem}".encode()).hexdigest() + ".jpg"
+                photo.save(tmp / "eval/images" / name, quality=90)
+                truth.append((name, encode(MASK_FILES[stem], person["gender"], age_band(person["age"]))))
+        order = rng.permutation(len(truth))  # the competition's eval images come in no particular order
+        truth = pd.DataFrame([truth[i] for i in order], columns=["ImageID", "ans"])
+        truth.assign(ans=0).to_csv(tmp / "eval/info.csv", index=False)
+        truth.to_csv(tmp / "eval/truth.csv", index=False)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+DEMO_DIR = Path("data/demo")
+
+
+def ensure_demo_data(root: str | os.PathLike = DEMO_DIR) -> Path:
+    """The demo data set at `root`, generated once (with a message saying where) if it is not there yet."""
+    root = Path(root)
+    if not (root / "train/images").is_dir():
+        print(f"No data directory configured: generating the demo data set in {root} (once, ~20 s)", flush=True)
+        make_demo_data(root)
+    return root

@@ -1,0 +1,102 @@
+"""Every augmentation preset: train and eval output (3, H, W) for H != W; eval is deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import train
+
+H, W = 40, 24
+
+
+@pytest.fixture()
+def photo() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (512, 384, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", train.augmentation_classes())
+def test_preset_shapes_and_eval_determinism(name, photo):
+    aug = train.augmentation_classes()[name](resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    assert len(aug.load_size) == 2 and aug.load_size[0] >= H and aug.load_size[1] >= W
+    for transform in (aug.train_transform, aug.eval_transform):
+        out = transform(photo)
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+        assert tuple(out.shape) == (3, H, W)
+    assert torch.equal(aug.eval_transform(photo), aug.eval_transform(photo))
+
+
+def test_presets_include_the_seed_names_and_albumentations():
+    assert {"BaseAugmentation", "CustomAugmentation", "AlbumentationsAugmentation"} <= set(train.augmentation_classes())
+
+
+def test_custom_training_transform_is_random_and_eval_is_not(photo):
+    aug = dataset.CustomAugmentation(resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    torch.manual_seed(0)
+    assert not torch.equal(aug.train_transform(photo), aug.train_transform(photo))
+
+
+def test_add_gaussian_noise():
+    torch.manual_seed(0)
+    x = torch.zeros(3, 64, 64)
+    y = dataset.AddGaussianNoise(std=0.5)(x)
+    assert y.std().item() == pytest.approx(0.5, rel=0.05)
+
+
+def test_normalize_uses_the_given_mean_std(photo):
+    flat = Image.new("RGB", (384, 512), (128, 128, 128))
+    aug = dataset.BaseAugmentation(resize=(H, W), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert torch.allclose(aug.eval_transform(flat), torch.full((3, H, W), (128 / 255 - 0.5) / 0.25), atol=1e-5)
+
+
+def test_draft_decoding_matches_full_decoding_after_resize(tmp_path):
+    yy, xx = np.mgrid[0:512, 0:384]
+    smooth = np.stack([yy / 2, xx / 1.5, 128 + 100 * np.sin(yy / 40) * np.cos(xx / 30)], -1).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "a.jpg", quality=95)
+    full = dataset.load_image(tmp_path / "a.jpg")
+    fast = dataset.load_image(tmp_path / "a.jpg", min_size=(128, 96))
+    assert full.size == (384, 512) and fast.size == (96, 128)
+    a = np.asarray(full.resize((96, 128), Image.BILINEAR), dtype=np.float32)
+    b = np.asarray(fast.resize((96, 128), Image.BILINEAR), dtype=np.float32)
+    assert np.abs(a - b).mean() < 2  # the same picture, up to resampling
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert dataset.load_image(tmp_path / "r.jpg").size == (20, 40)
+    assert dataset.load_image(tmp_path / "r.jpg", min_size=(10, 5)).size[1] >= 10
+
+
+def test_mean_std_computed_over_pooled_pixels(tmp_path):
+    Image.new("RGB", (10, 10), (0, 0, 0)).save(tmp_path / "black.png")
+    Image.new("RGB", (10, 10), (255, 255, 255)).save(tmp_path / "white.png")
+    mean, std = dataset.compute_mean_std([tmp_path / "black.png", tmp_path / "white.png"], None)
+    assert mean == pytest.approx((0.5, 0.5, 0.5))
+    assert std == pytest.approx((0.5, 0.5, 0.5))  # per-image stds are 0: averaging them would give 0
+
+
+def test_albumentations_draws_differ_between_workers_and_epochs(photo):
+    aug = dataset.AlbumentationsAugmentation(resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+
+    class Same(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return aug.train_transform(photo)
+
+    loader = torch.utils.data.DataLoader(
+        Same(), batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(0)
+    )
+    first, second = torch.cat(list(loader)), torch.cat(list(loader))
+    assert not torch.equal(first[0::2], first[1::2])  # worker 0 and worker 1 draw different augmentations
+    assert not torch.equal(first, second)  # and a new epoch draws new ones
+    again = torch.utils.data.DataLoader(Same(), batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, torch.cat(list(again)))  # repeatable for a seed

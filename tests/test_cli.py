@@ -1,0 +1,94 @@
+"""Configuration precedence and start-up checks: flag > environment > .env > default; bad input exits 2."""
+
+from __future__ import annotations
+
+import pytest
+
+import inference
+import train
+from conftest import run_script
+from utils import UserError
+
+
+@pytest.fixture()
+def no_env(monkeypatch, tmp_path):
+    for var in ("SM_CHANNEL_TRAIN", "SM_MODEL_DIR", "SM_CHANNEL_EVAL", "SM_CHANNEL_MODEL", "SM_OUTPUT_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("module", "var", "dest", "default"),
+    [
+        (train, "SM_MODEL_DIR", "model_dir", "./model"),
+        (train, "SM_CHANNEL_TRAIN", "data_dir", None),
+        (inference, "SM_CHANNEL_EVAL", "data_dir", None),
+        (inference, "SM_CHANNEL_MODEL", "model_dir", None),
+        (inference, "SM_OUTPUT_DATA_DIR", "output_dir", "./output"),
+    ],
+)
+def test_flag_beats_env_beats_dotenv_beats_default(no_env, monkeypatch, module, var, dest, default):
+    flag = f"--{dest}"
+    assert getattr(module.get_parser().parse_args([]), dest) == default
+    (no_env / ".env").write_text(f"{var}=from_dotenv\n")
+    assert getattr(module.get_parser().parse_args([]), dest) == "from_dotenv"
+    monkeypatch.setenv(var, "from_env")
+    assert getattr(module.get_parser().parse_args([]), dest) == "from_env"
+    assert getattr(module.get_parser().parse_args([flag, "from_flag"]), dest) == "from_flag"
+
+
+def test_resize_is_height_then_width():
+    args = train.get_parser().parse_args(["--resize", "256", "192"])
+    assert args.resize == [256, 192]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "listed"),
+    [
+        ("--model", "BaseModle", "BaseModel"),
+        ("--criterion", "focla", "label_smoothing"),
+        ("--dataset", "MaskSplitByPersonDataset", "MaskSplitByProfileDataset"),
+    ],
+)
+def test_unknown_name_exits_2_listing_valid_names(tmp_path, demo_root, flag, value, listed):
+    result = run_script("train.py", "--data_dir", str(demo_root / "train/images"), flag, value, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} '{value}' is unknown")
+    assert listed in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--val_ratio", "1.5"], "--val_ratio 1.5"),
+        (["--batch_size", "0"], "--batch_size 0"),
+        (["--resize", "0", "96"], "--resize 0 96"),
+        (["--augmentation", "Nope"], "--augmentation 'Nope'"),
+        (["--optimizer", "adam"], "Did you mean 'Adam'"),
+        (["--data_dir", "/no/such/dir"], "--data_dir /no/such/dir does not exist"),
+    ],
+)
+def test_bad_values_are_rejected_before_anything_is_written(no_env, args, message):
+    parsed = train.get_parser().parse_args([*args, "--model_dir", str(no_env / "model")])
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.main(parsed)
+    assert not (no_env / "model").exists() and not (no_env / "data").exists()
+
+
+def test_argparse_rejects_malformed_flags(tmp_path):
+    result = run_script("train.py", "--resize", "128", cwd=tmp_path)
+    assert result.returncode == 2 and "--resize" in result.stderr
+
+
+def test_inference_without_a_run_is_a_clear_error(tmp_path):
+    result = run_script("inference.py", cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "error: no trained run found under model: run python train.py first, or pass --model_dir"
+    )
+    result = run_script("inference.py", "--model_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "has no config.json" in result.stderr

@@ -1,0 +1,93 @@
+"""The README tells the truth: its commands are the ones CI and these tests run."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_script
+
+README = (ROOT / "README.md").read_text()
+
+
+def quick_start() -> list[str]:
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def example_commands() -> list[str]:
+    """Every `python train.py ...` / `python inference.py ...` shown outside the Quick start."""
+    rest = README.split("## Your data", 1)[1]
+    return re.findall(r"(?m)(?:^|`)(python (?:train|inference)\.py[^`\n]*)", rest)
+
+
+def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
+    commands = quick_start()
+    assert len(commands) == 2
+    ci = (ROOT / ".ci/run").read_text().splitlines()
+    assert commands[1] in ci
+
+
+def test_quick_start_run_command_trains_and_writes_a_submission(tmp_path):
+    """Command 1 exactly as written (its install step is what the test command already did), in a clean folder."""
+    steps = [s.strip() for s in quick_start()[0].split("&&")]
+    assert steps[:2] == ["python3 -m venv .venv", ".venv/bin/pip install -r requirements.txt"]
+    assert steps[2:] == [".venv/bin/python train.py", ".venv/bin/python inference.py"]
+    trained = run_script("train.py", cwd=tmp_path, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    assert "generating the demo data set in data/demo" in trained.stdout
+    f1s = [float(m) for m in re.findall(r"val loss \S+ acc\s+\S+ f1 (\S+)", trained.stdout)]
+    assert len(f1s) == 12 and max(f1s) > 0.3  # chance is about 0.05
+    inferred = run_script("inference.py", cwd=tmp_path, timeout=300)
+    assert inferred.returncode == 0, inferred.stderr
+    submission = pd.read_csv(tmp_path / "output/output.csv")
+    info = pd.read_csv(tmp_path / "data/demo/eval/info.csv")
+    assert submission["ImageID"].tolist() == info["ImageID"].tolist()
+    truth = pd.read_csv(tmp_path / "data/demo/eval/truth.csv")
+    from sklearn.metrics import f1_score
+
+    assert f1_score(truth["ans"], submission["ans"], average="macro") > 0.3
+    events = subprocess.run(
+        [str(Path(sys.executable).parent / "tensorboard"), "--inspect", "--logdir", "model"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Val/f1" in events.stdout and "Val/predictions" in events.stdout
+
+
+@pytest.mark.parametrize("command", example_commands())
+def test_example_commands_run(command, demo_root, tmp_path):
+    """Each example, on the tiny demo data, shortened to one small epoch; the numbers are in the Results table."""
+    args = shlex.split(command)[1:]
+    paths = {
+        "/data/train/images": demo_root / "train/images",
+        "/data/eval": demo_root / "eval",
+        "../shared/data/maskdev/train/images": demo_root / "train/images",
+    }
+    args = [str(paths.get(a, a)) for a in args]
+    if args[0] == "train.py":
+        args += ["--epochs", "1", "--resize", "64", "48"]
+    else:  # inference of a run named in the examples: train it first
+        run_script(
+            "train.py",
+            "--data_dir",
+            str(demo_root / "train/images"),
+            "--epochs",
+            "1",
+            "--resize",
+            "64",
+            "48",
+            "--name",
+            Path(args[args.index("--model_dir") + 1]).name,
+            cwd=tmp_path,
+        )
+    result = run_script(args[0], *args[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,79 @@
+"""Metrics, run directories, atomic files and checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+import utils
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_f1_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 12, 200)  # classes 12..17 absent, as in a small validation split
+    pred = np.where(rng.random(200) < 0.6, truth, rng.integers(0, 18, 200))
+    assert utils.macro_f1(truth, pred, 18) == pytest.approx(f1_score(truth, pred, average="macro"))
+
+
+def test_confusion_matrix_counts_every_sample_once():
+    cm = utils.confusion_matrix([0, 1, 1, 2], [0, 2, 1, 2], 3)
+    assert cm.sum() == 4
+    assert cm[1, 2] == 1 and cm[2, 2] == 1
+
+
+def test_increment_path_never_reuses(tmp_path):
+    assert utils.increment_path(tmp_path / "exp").name == "exp"
+    assert utils.increment_path(tmp_path / "exp").name == "exp2"
+    (tmp_path / "exp4").mkdir()
+    assert utils.increment_path(tmp_path / "exp").name == "exp3"
+    assert utils.increment_path(tmp_path / "exp").name == "exp5"
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "last.pth"
+    target.write_text("old")
+
+    def fail(f):
+        f.write("half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        utils.atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left behind
+
+
+def test_checkpoint_is_saved_without_wrapper_prefixes(tmp_path):
+    net = torch.nn.DataParallel(torch.nn.Linear(3, 2))
+    utils.save_checkpoint(tmp_path / "c.pth", model=net, epoch=3, best_score=0.5, config={"a": [1, 2]})
+    ckpt = utils.load_checkpoint(tmp_path / "c.pth")
+    assert set(ckpt["model"]) == {"weight", "bias"}
+    assert ckpt["epoch"] == 3 and ckpt["config"] == {"a": [1, 2]}
+    torch.nn.Linear(3, 2).load_state_dict(ckpt["model"])
+    assert utils.clean_state_dict({"module._orig_mod.fc.weight": 1}) == {"fc.weight": 1}
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    utils.save_checkpoint(tmp_path / "c.pth", model=torch.nn.Linear(3, 2))
+    data = (tmp_path / "c.pth").read_bytes()
+    (tmp_path / "c.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(utils.UserError, match="cannot be read"):
+        utils.load_checkpoint(tmp_path / "c.pth")
+
+
+def test_early_stopping():
+    stopper = utils.EarlyStopping(patience=2)
+    assert [stopper.step(s) for s in (0.1, 0.2, 0.2, 0.15)] == [False, False, False, True]
+    never = utils.EarlyStopping(patience=0)
+    assert not any(never.step(0.0) for _ in range(10))
+
+
+def test_find_class_accepts_only_classes_defined_in_the_module():
+    import dataset
+
+    assert utils.find_class(dataset, "TestDataset", "--dataset") is dataset.TestDataset
+    with pytest.raises(utils.UserError, match="Valid names"):
+        utils.find_class(dataset, "Dataset", "--dataset")  # imported from torch, not defined there

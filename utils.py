@@ -1,0 +1,339 @@
+"""Helpers shared by every script: seeding, run directories, name lookup, metrics, checkpoints.
+
+This module imports nothing from the project, so every other file can import it.
+
+    python -c "import utils; print(utils.increment_path('model/exp'))"
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, flag or name); scripts print it on one line and exit 2."""
+
+
+def run_main(main: Callable[[Any], Any], args: Any) -> None:
+    """Run a script's `main(args)`, turning a `UserError` into one line on stderr and exit code 2."""
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration: flag > environment variable > .env file > default.
+def env_value(name: str, default: Any = None, dotenv_path: str | os.PathLike = ".env") -> Any:
+    """The value of environment variable `name`, else of `name` in `.env` (current directory), else default.
+
+    `.env` is read without being loaded into `os.environ`, so a real environment variable always wins.
+    """
+    if name in os.environ:
+        return os.environ[name]
+    path = Path(dotenv_path)
+    if path.is_file():
+        from dotenv import dotenv_values
+
+        value = dotenv_values(path).get(name)
+        if value is not None:
+            return value
+    return default
+
+
+def default_num_workers() -> int:
+    """Loader workers for this machine: one per CPU core left after the training process, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU) so a run is repeatable on the same machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: give NumPy and `random` the per-worker, per-epoch seed torch chose."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def increment_path(path: str | os.PathLike) -> Path:
+    """Create and return a new directory `path`, else `path2`, `path3`, ...; never reuses one.
+
+    `mkdir` without `exist_ok` is atomic, so two runs started at once still get different directories.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.name}{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names are the interface: classes are found by name, with the valid names in the error.
+def module_classes(module: ModuleType, predicate: Callable[[type], bool] | None = None) -> dict[str, type]:
+    """Classes *defined in* `module` (not imported into it) that satisfy `predicate`, by name."""
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if inspect.isclass(obj)
+        and obj.__module__ == module.__name__
+        and not name.startswith("_")
+        and (predicate is None or predicate(obj))
+    }
+
+
+def unknown_name_message(flag: str, name: str, valid: Iterable[str], extra: str = "", more: Iterable[str] = ()) -> str:
+    """One line naming the flag, the bad value, the closest valid name and all valid names.
+
+    `more` are further valid names searched for the closest match but too many to list (e.g. timm's).
+    """
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, [*valid, *more], n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{flag} '{name}' is unknown.{hint} Valid names: {', '.join(valid)}{extra}"
+
+
+def find_class(module: ModuleType, name: str, flag: str, predicate: Callable[[type], bool] | None = None) -> type:
+    """The class called `name` defined in `module`; a `UserError` listing the valid names otherwise."""
+    classes = module_classes(module, predicate)
+    if name not in classes:
+        raise UserError(unknown_name_message(flag, name, classes))
+    return classes[name]
+
+
+def filter_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of `kwargs` that `fn` accepts, so one call site can feed classes with different arguments."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics. Every metric is computed over exactly the samples that were scored.
+def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts[i, j] of samples with truth i predicted as j."""
+    targets = np.asarray(targets, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    return np.bincount(targets * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def f1_per_class(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """F1 of each class; 0 for a class that is neither present nor predicted (as sklearn's zero_division=0)."""
+    cm = confusion_matrix(targets, preds, num_classes).astype(np.float64)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1)  # predicted + true = 2tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int | None = None) -> float:
+    """Macro F1 over the classes present in truth or prediction, as `sklearn.metrics.f1_score(average="macro")`."""
+    targets = np.asarray(targets, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    if num_classes is None:
+        num_classes = int(max(targets.max(initial=0), preds.max(initial=0))) + 1
+    cm = confusion_matrix(targets, preds, num_classes)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    if not present.any():
+        return 0.0
+    return float(f1_per_class(targets, preds, num_classes)[present].mean())
+
+
+class EarlyStopping:
+    """Stop when the monitored score (higher is better) has not improved for `patience` epochs; 0 disables."""
+
+    def __init__(self, patience: int = 0, min_delta: float = 0.0) -> None:
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = -float("inf")
+        self.bad_epochs = 0
+
+    def step(self, score: float) -> bool:
+        """Record one epoch's score; True when training should stop."""
+        if score > self.best + self.min_delta:
+            self.best = score
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best, self.bad_epochs = state["best"], int(state["bad_epochs"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: written to a temporary name in the same directory, flushed to disk, then renamed over the target,
+# so a killed process leaves either the old file or the new one, never half of one.
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = False) -> None:
+    """Call `write(file_object)` on a temporary file next to `path`, fsync it, then rename it to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip `module.` and `_orig_mod.` prefixes so a state dict loads into a bare model."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, **state: Any) -> None:
+    """Save a checkpoint dict atomically; a `model` entry is stored unwrapped, without prefixes."""
+    if isinstance(state.get("model"), torch.nn.Module):
+        state["model"] = clean_state_dict(unwrap_model(state["model"]).state_dict())
+    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` (tensors and plain Python types only)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist: train first or pass another --model_dir") from None
+    except Exception as e:  # truncated or foreign file
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); retrain or pick another run"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """The current git commit of the code, when it lives in a git checkout."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide a run's numbers, for `config.json`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("torch", "torchvision", "timm", "albumentations", "numpy", "pillow", "pandas"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def image_grid(images: np.ndarray, titles: list[str], ncols: int = 4, colors: list[str] | None = None) -> Any:
+    """A matplotlib Figure of HWC uint8 `images` with a title each, for TensorBoard's `add_figure`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.6 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i])
+            ax.set_title(titles[i], fontsize=8, color=(colors[i] if colors else "black"))
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+def select_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available, else the CPU; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    return device
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, loader: Iterable, device: torch.device, progress: str | None = None
+) -> torch.Tensor:
+    """Logits of `model` for every batch `(images, _)` of `loader`, in order, on the CPU."""
+    from tqdm import tqdm
+
+    model.eval()
+    outputs = []
+    for images, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty()):
+        outputs.append(model(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(outputs)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default and the script's docstring (its example commands) kept as written."""
+
+
+def describe(classes: dict[str, type]) -> str:
+    """'Name (first docstring line); ...' for --help texts."""
+    return "; ".join(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in classes.items())
