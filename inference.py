@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+import augmentation as augmentation_module
 import dataset as dataset_module
 import model as model_module
 import utils
@@ -134,9 +135,8 @@ def main(args: Namespace) -> Path:
         )
     eval_dir = resolve_eval_dir(args.data_dir, config)
 
-    aug = getattr(dataset_module, config["augmentation"])(
-        resize=config["resize"], mean=config["mean"], std=config["std"]
-    )
+    aug_cls = utils.find_class(augmentation_module, config["augmentation"], "the run's augmentation")
+    aug = aug_cls(resize=config["resize"], mean=config["mean"], std=config["std"])
     test_set = dataset_module.TestDataset(eval_dir, aug.eval_transform, aug.load_size)
     loader = DataLoader(
         test_set,

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import augmentation as augmentation_module
 import dataset as dataset_module
 import loss as loss_module
 import model as model_module
@@ -33,10 +34,6 @@ SCHEDULERS = ("none", "step", "cosine")
 
 def dataset_classes() -> dict[str, type]:
     return utils.module_classes(dataset_module, lambda c: hasattr(c, "split_dataset"))
-
-
-def augmentation_classes() -> dict[str, type]:
-    return utils.module_classes(dataset_module, lambda c: c.__name__.endswith("Augmentation"))
 
 
 def optimizer_names() -> list[str]:
@@ -75,7 +72,7 @@ def get_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--augmentation",
         default="BaseAugmentation",
-        help=f"augmentation preset in dataset.py. {utils.describe(augmentation_classes())}",
+        help=f"augmentation preset in augmentation.py. {utils.describe(augmentation_module.augmentation_classes())}",
     )
     data.add_argument(
         "--resize",
@@ -169,7 +166,10 @@ def check_args(args: Namespace) -> None:
         raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
     if not args.age_bounds[0] < args.age_bounds[1]:
         raise UserError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: the first must be below the second")
-    for flag, classes in (("--dataset", dataset_classes()), ("--augmentation", augmentation_classes())):
+    for flag, classes in (
+        ("--dataset", dataset_classes()),
+        ("--augmentation", augmentation_module.augmentation_classes()),
+    ):
         value = getattr(args, flag[2:])
         if value not in classes:
             raise UserError(utils.unknown_name_message(flag, value, classes))
@@ -262,7 +262,7 @@ def main(args: Namespace) -> Path:
         data_dir=data_dir, val_ratio=args.val_ratio, seed=args.seed, age_bounds=args.age_bounds
     )
     num_classes = data.num_classes
-    aug_cls = augmentation_classes()[args.augmentation]
+    aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
     if args.mean_std == "compute":
         load_size = aug_cls(resize=args.resize, mean=(0, 0, 0), std=(1, 1, 1)).load_size
         mean, std = dataset_module.compute_mean_std(data.image_paths, load_size, seed=args.seed)

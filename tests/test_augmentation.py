@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+import augmentation
 import dataset
-import train
 
 H, W = 40, 24
 
@@ -19,9 +19,9 @@ def photo() -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (512, 384, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("name", train.augmentation_classes())
+@pytest.mark.parametrize("name", augmentation.augmentation_classes())
 def test_preset_shapes_and_eval_determinism(name, photo):
-    aug = train.augmentation_classes()[name](resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    aug = augmentation.augmentation_classes()[name](resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
     assert len(aug.load_size) == 2 and aug.load_size[0] >= H and aug.load_size[1] >= W
     for transform in (aug.train_transform, aug.eval_transform):
         out = transform(photo)
@@ -31,11 +31,13 @@ def test_preset_shapes_and_eval_determinism(name, photo):
 
 
 def test_presets_include_the_seed_names_and_albumentations():
-    assert {"BaseAugmentation", "CustomAugmentation", "AlbumentationsAugmentation"} <= set(train.augmentation_classes())
+    assert {"BaseAugmentation", "CustomAugmentation", "AlbumentationsAugmentation"} <= set(
+        augmentation.augmentation_classes()
+    )
 
 
 def test_custom_training_transform_is_random_and_eval_is_not(photo):
-    aug = dataset.CustomAugmentation(resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    aug = augmentation.CustomAugmentation(resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
     torch.manual_seed(0)
     assert not torch.equal(aug.train_transform(photo), aug.train_transform(photo))
 
@@ -43,13 +45,13 @@ def test_custom_training_transform_is_random_and_eval_is_not(photo):
 def test_add_gaussian_noise():
     torch.manual_seed(0)
     x = torch.zeros(3, 64, 64)
-    y = dataset.AddGaussianNoise(std=0.5)(x)
+    y = augmentation.AddGaussianNoise(std=0.5)(x)
     assert y.std().item() == pytest.approx(0.5, rel=0.05)
 
 
 def test_normalize_uses_the_given_mean_std(photo):
     flat = Image.new("RGB", (384, 512), (128, 128, 128))
-    aug = dataset.BaseAugmentation(resize=(H, W), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    aug = augmentation.BaseAugmentation(resize=(H, W), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert torch.allclose(aug.eval_transform(flat), torch.full((3, H, W), (128 / 255 - 0.5) / 0.25), atol=1e-5)
 
 
@@ -83,7 +85,7 @@ def test_mean_std_computed_over_pooled_pixels(tmp_path):
 
 
 def test_albumentations_draws_differ_between_workers_and_epochs(photo):
-    aug = dataset.AlbumentationsAugmentation(resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    aug = augmentation.AlbumentationsAugmentation(resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
 
     class Same(torch.utils.data.Dataset):
         def __len__(self):

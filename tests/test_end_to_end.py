@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+import augmentation
 import dataset
 import model
 import utils
@@ -67,7 +68,7 @@ def test_logged_validation_f1_is_over_every_validation_image(trained, demo_root)
     net = model.build_model(config["model"], 18)
     net.load_state_dict(best["model"])
     data = dataset.MaskSplitByProfileDataset(config["data_dir"], config["val_ratio"], config["seed"])
-    aug = getattr(dataset, config["augmentation"])(config["resize"], config["mean"], config["std"])
+    aug = getattr(augmentation, config["augmentation"])(config["resize"], config["mean"], config["std"])
     _, val_idx = data.split_dataset()
     val = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
     logits = utils.predict(net, torch.utils.data.DataLoader(val, batch_size=5), torch.device("cpu"))
@@ -133,11 +134,16 @@ def test_a_second_run_never_overwrites_the_first(trained, demo_root):
         "CustomAugmentation",
         "--criterion",
         "focal",
+        "--mean_std",
+        "compute",
         cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
     assert (cwd / "model/exp2/best.pth").is_file()
     assert (run / "best.pth").read_bytes() == before
+    config = json.loads((cwd / "model/exp2/config.json").read_text())
+    assert config["model"] == "resnet10t" and config["augmentation"] == "CustomAugmentation"
+    assert config["mean"] != list(dataset.SEED_MEAN) and "Computed mean" in result.stdout
 
 
 def test_training_is_repeatable_for_a_seed(demo_root, tmp_path):

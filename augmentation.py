@@ -1,0 +1,137 @@
+"""Augmentation presets, chosen by name with `--augmentation`, and the custom transforms they use.
+
+    python train.py --augmentation CustomAugmentation
+    python -c "import augmentation as A; print(A.BaseAugmentation((128, 96), (0.5,) * 3, (0.2,) * 3).eval_transform)"
+
+To add a preset, define a class here whose name ends in `Augmentation`; it is then a choice and tested.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import utils
+
+
+# Each preset gives `train_transform` (random) and `eval_transform` (deterministic, used by
+# validation and inference), both PIL image -> normalized CHW float tensor of size `resize` = (H, W), and
+# `load_size`, the smallest (H, W) an image must be decoded at for them (see `load_image`).
+class AddGaussianNoise:
+    """Add N(mean, std) noise to a tensor (after normalization, so `std` is in units of the data's std)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 0.05) -> None:
+        self.mean, self.std = mean, std
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + torch.randn_like(tensor) * self.std + self.mean
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+class CenterCropFraction:
+    """Keep the central `fraction` (H, W) of a PIL image, whatever size it was decoded at."""
+
+    def __init__(self, fraction: Sequence[float]) -> None:
+        self.fraction = tuple(fraction)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        return transforms.functional.center_crop(image, [round(h * self.fraction[0]), round(w * self.fraction[1])])
+
+
+class BaseAugmentation:
+    """Resize, to tensor, normalize (the seed's preset); train and eval transforms are the same."""
+
+    def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
+        self.load_size = tuple(resize)
+        self.train_transform = self.eval_transform = transforms.Compose(
+            [
+                transforms.Resize(tuple(resize), interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=mean, std=std),
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.train_transform(image)
+
+
+class CustomAugmentation(BaseAugmentation):
+    """Center crop (the seed's 320x256 of 512x384), resize, color jitter and Gaussian noise for training."""
+
+    crop_fraction = (320 / 512, 256 / 384)
+
+    def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
+        h, w = resize
+        self.load_size = (math.ceil(h / self.crop_fraction[0]), math.ceil(w / self.crop_fraction[1]))
+        crop_resize = [
+            CenterCropFraction(self.crop_fraction),
+            transforms.Resize((h, w), interpolation=transforms.InterpolationMode.BILINEAR),
+        ]
+        tail = [transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)]
+        self.train_transform = transforms.Compose(
+            [*crop_resize, transforms.ColorJitter(0.1, 0.1, 0.1, 0.1), *tail, AddGaussianNoise(std=0.05)]
+        )
+        self.eval_transform = transforms.Compose([*crop_resize, *tail])
+
+
+class AlbumentationsAugmentation(BaseAugmentation):
+    """Albumentations: flips, small shifts/scales/rotations, brightness/contrast and hue for training."""
+
+    def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
+        import albumentations as A
+        from albumentations.pytorch import ToTensorV2
+
+        h, w = resize
+        self.load_size = (h, w)
+        tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+        train = A.Compose(
+            [
+                A.Resize(h, w),
+                A.HorizontalFlip(p=0.5),
+                A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10), p=0.7),
+                A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+                A.HueSaturationValue(10, 15, 10, p=0.3),
+                *tail,
+            ]
+        )
+        evaluate = A.Compose([A.Resize(h, w), *tail])
+        self.train_transform = _AlbumentationsCall(train)
+        self.eval_transform = _AlbumentationsCall(evaluate)
+
+
+class _AlbumentationsCall:
+    """PIL image -> tensor through an albumentations pipeline, seeded from torch in each process.
+
+    Albumentations keeps its own random state, which loader workers would otherwise all copy from the main
+    process: every worker, and every epoch of non-persistent workers, would repeat the same augmentations.
+    torch gives each worker a distinct seed per epoch (derived from the loader's seeded generator), so
+    re-seeding from it makes augmentation both varied and repeatable.
+    """
+
+    def __init__(self, compose: Any) -> None:
+        self.compose = compose
+        self.seeded_for: tuple[int, int] | None = None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        key = (os.getpid(), torch.initial_seed())
+        if key != self.seeded_for:
+            self.compose.set_random_seed(torch.initial_seed() % 2**32)
+            self.seeded_for = key
+        return self.compose(image=np.asarray(image))["image"]
+
+
+def augmentation_classes() -> dict[str, type]:
+    """The presets defined here, by name."""
+    return utils.module_classes(sys.modules[__name__], lambda c: c.__name__.endswith("Augmentation"))
