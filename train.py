@@ -254,9 +254,9 @@ def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def main(args: Namespace) -> Path:
     check_args(args)
+    device = utils.select_device(args.device)
     data_dir = resolve_data_dir(args.data_dir)
     utils.seed_everything(args.seed)
-    device = utils.select_device(args.device)
 
     data = dataset_classes()[args.dataset](
         data_dir=data_dir, val_ratio=args.val_ratio, seed=args.seed, age_bounds=args.age_bounds

@@ -34,7 +34,9 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
     try:
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Raised in a DataLoader worker, the message arrives wrapped in the worker's traceback: keep its last line.
+        message = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

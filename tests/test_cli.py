@@ -78,6 +78,14 @@ def test_bad_values_are_rejected_before_anything_is_written(no_env, args, messag
     assert not (no_env / "model").exists() and not (no_env / "data").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_missing_gpu_is_a_clear_error(no_env):
+    parsed = train.get_parser().parse_args(["--device", "cuda", "--model_dir", str(no_env / "model")])
+    with pytest.raises(UserError, match="--device cuda: no CUDA GPU is visible here"):
+        train.main(parsed)
+    assert not (no_env / "data").exists()  # rejected before the demo data would be generated
+
+
 def test_argparse_rejects_malformed_flags(tmp_path):
     result = run_script("train.py", "--resize", "128", cwd=tmp_path)
     assert result.returncode == 2 and "--resize" in result.stderr
