@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
+import utils
 from utils import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -92,16 +95,46 @@ def load_image(path: str | os.PathLike, min_size: Sequence[int] | None = None) -
     that large (PIL draft mode): several times faster, and the resize that follows gives the same picture.
     """
     try:
-        with Image.open(path) as image:
-            if min_size is not None and image.format == "JPEG":
-                h, w = int(min_size[0]), int(min_size[1])
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
-                    h, w = w, h
-                image.draft("RGB", (w, h))
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
+        return _decode(path, min_size)
+    except _DECODE_ERRORS as e:
         raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _decode(path: str | os.PathLike, min_size: Sequence[int] | None) -> Image.Image:
+    with Image.open(path) as image:
+        if min_size is not None and image.format == "JPEG":
+            h, w = int(min_size[0]), int(min_size[1])
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
+                h, w = w, h
+            image.draft(image.mode if image.mode == "CMYK" else "RGB", (w, h))
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Transparent areas become white, not whatever colour the hidden pixels happen to hold.
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image.convert("RGBA"))
+        return image.convert("RGB")
+
+
+def find_unreadable(
+    paths: Sequence[str | os.PathLike], min_size: Sequence[int] | None = None, workers: int = 2
+) -> dict[str, str]:
+    """{path: reason} for every image that cannot be decoded, all found in one pass (threads: PIL decodes
+    without holding the GIL). Decoding at `min_size` keeps the pass cheap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(path: str | os.PathLike) -> str | None:
+        try:
+            _decode(path, min_size)
+        except _DECODE_ERRORS as e:
+            return str(e) or type(e).__name__
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(check, paths))
+    return {str(p): r for p, r in zip(paths, reasons, strict=True) if r is not None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,6 +175,106 @@ def stratified_group_split(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Indexing the competition layout.
+@dataclass
+class MaskIndex:
+    """What `index_mask_folder` found: one row per image, folders that do not parse, and warnings."""
+
+    images: pd.DataFrame  # path, person (folder name), id, gender, race, age, mask, stem
+    bad_folders: list[str] = field(default_factory=list)  # "name (why)"
+    warnings: list[str] = field(default_factory=list)  # one line each, naming the path and what was done
+
+
+def index_mask_folder(data_dir: str | os.PathLike) -> MaskIndex:
+    """Index `{data_dir}/{id}_{gender}_{race}_{age}/{mask1..5,incorrect_mask,normal}.{jpg,jpeg,png}`.
+
+    Extensions in any case; hidden files, `._*` forks and other names are skipped. Reports (never raises for)
+    folders whose names do not parse; warns about persons with missing or extra shots, ids used by two
+    folders (kept on one side of every split) and a `train.csv` beside the folder that disagrees with it.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist: pass --data_dir or set SM_CHANNEL_TRAIN")
+    rows, bad, missing, extra = [], [], [], []
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p)):
+        try:
+            pid, gender, race, age = parse_profile(folder.name)
+        except ValueError as e:
+            bad.append(f"{folder.name} ({e})")
+            continue
+        found: dict[str, Path] = {}
+        for path in sorted(folder.iterdir()):
+            if is_hidden(path) or path.suffix.lower() not in IMG_EXTENSIONS:
+                continue
+            stem = path.stem.lower()
+            if stem not in MASK_FILES or stem in found:  # e.g. mask6.jpg, or mask1.jpg next to mask1.png
+                extra.append(str(path))
+                continue
+            found[stem] = path
+            rows.append((str(path), folder.name, pid, gender, race, age, MASK_FILES[stem], stem))
+        if found and len(found) < len(MASK_FILES):
+            missing.append(f"{folder.name} ({', '.join(s for s in MASK_FILES if s not in found)})")
+    images = pd.DataFrame(rows, columns=["path", "person", "id", "gender", "race", "age", "mask", "stem"])
+    if images.empty and not bad:
+        raise UserError(
+            f"no images found in {data_dir}: expected {{id}}_{{gender}}_{{race}}_{{age}}/mask1.jpg ... folders "
+            "(pass the train/images directory as --data_dir)"
+        )
+    warnings = []
+    if missing:
+        warnings.append(
+            f"{len(missing)} person(s) in {data_dir} lack shots: {utils.listing(missing)}; training uses the rest"
+        )
+    if extra:
+        warnings.append(f"{len(extra)} file(s) are not one of the seven shots and are ignored: {utils.listing(extra)}")
+    folders_per_id = images.groupby("id")["person"].unique()
+    shared = [f"{i} ({', '.join(f)})" for i, f in folders_per_id.items() if len(f) > 1]
+    if shared:
+        warnings.append(
+            f"{len(shared)} id(s) name several folders, kept together in every split: {utils.listing(shared)}"
+        )
+    warnings += _check_train_csv(data_dir.parent / "train.csv", images)
+    return MaskIndex(images, bad, warnings)
+
+
+def _check_train_csv(path: Path, images: pd.DataFrame) -> list[str]:
+    """Warnings where the competition's train.csv disagrees with the folders (the folders are what is used)."""
+    if not path.is_file():
+        return []
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        return [f"{path} cannot be read ({e}); labels come from the folder names"]
+    if "path" not in table.columns:
+        return [f"{path} has no 'path' column; labels come from the folder names"]
+    listed, present = set(table["path"]), set(images["person"])
+    out = []
+    if listed - present:
+        out.append(
+            f"{path} lists {len(listed - present)} folder(s) that are not in {path.parent / 'images'}: "
+            f"{utils.listing(sorted(listed - present))}"
+        )
+    if present - listed:
+        out.append(
+            f"{len(present - listed)} folder(s) are missing from {path}: {utils.listing(sorted(present - listed))}"
+        )
+    if {"gender", "age"} <= set(table.columns):
+        folders = images.drop_duplicates("person").set_index("person")
+        differ = [
+            row["path"]
+            for _, row in table[table["path"].isin(present)].iterrows()
+            if str(row["gender"]).lower() != GENDER_NAMES[folders.at[row["path"], "gender"]]
+            or str(row["age"]) != str(folders.at[row["path"], "age"])
+        ]
+        if differ:
+            out.append(
+                f"{len(differ)} row(s) of {path} disagree with their folder name: {utils.listing(differ)}; "
+                "the folder name is used"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # Datasets.
 class MaskBaseDataset(Dataset):
     """Mask-competition images split by image: a person's photos land on both sides (leaky validation)."""
@@ -162,44 +295,32 @@ class MaskBaseDataset(Dataset):
         self.class_names = mask_class_names(self.age_bounds)
         # Per-instance lists: two datasets never share state.
         self.image_paths: list[Path] = []
-        self.persons: list[str] = []
+        self.persons: list[str] = []  # folder name of each image
+        self.groups: list[str] = []  # person id of each image: what a split keeps on one side
         self.mask_labels: list[int] = []
         self.gender_labels: list[int] = []
         self.ages: list[int] = []
         self.setup()
 
     def setup(self) -> None:
-        """Index every `{id}_{gender}_{race}_{age}/{mask1..5,incorrect_mask,normal}.{jpg,jpeg,png}`."""
-        if not self.data_dir.is_dir():
-            raise UserError(f"data directory {self.data_dir} does not exist: pass --data_dir or set SM_CHANNEL_TRAIN")
-        bad = []
-        for folder in sorted(p for p in self.data_dir.iterdir() if p.is_dir() and not is_hidden(p)):
-            try:
-                _, gender, _, age = parse_profile(folder.name)
-            except ValueError as e:
-                bad.append(f"{folder.name} ({e})")
-                continue
-            for path in sorted(folder.iterdir()):
-                if is_hidden(path) or path.suffix.lower() not in IMG_EXTENSIONS:
-                    continue
-                mask = MASK_FILES.get(path.stem.lower())
-                if mask is None:
-                    continue
-                self.image_paths.append(path)
-                self.persons.append(folder.name)
-                self.mask_labels.append(mask)
-                self.gender_labels.append(gender)
-                self.ages.append(age)
-        if bad:
-            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        """Index the folder (see `index_mask_folder`): stop on folders whose labels cannot be read, warn on the rest."""
+        index = index_mask_folder(self.data_dir)
+        if index.bad_folders:
+            shown = utils.listing(index.bad_folders)
             raise UserError(
-                f"{len(bad)} folder name(s) in {self.data_dir} do not parse: {shown}. Rename or remove them"
+                f"{len(index.bad_folders)} folder name(s) in {self.data_dir} do not parse as "
+                f"{{id}}_{{gender}}_{{race}}_{{age}}: {shown}. "
+                "Rename them (gender male/female, age in years) or move them out"
             )
-        if not self.image_paths:
-            raise UserError(
-                f"no images found in {self.data_dir}: expected {{id}}_{{gender}}_{{race}}_{{age}}/mask1.jpg ... "
-                "folders (pass the train/images directory as --data_dir)"
-            )
+        for line in index.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        images = index.images
+        self.image_paths = [Path(p) for p in images["path"]]
+        self.persons = images["person"].tolist()
+        self.groups = images["id"].tolist()
+        self.mask_labels = images["mask"].tolist()
+        self.gender_labels = images["gender"].tolist()
+        self.ages = images["age"].tolist()
 
     @property
     def labels(self) -> np.ndarray:
@@ -209,6 +330,15 @@ class MaskBaseDataset(Dataset):
 
     def label_text(self, label: int) -> str:
         return self.class_names[int(label)]
+
+    def remove(self, paths: Collection[str]) -> None:
+        """Drop the images at `paths` (e.g. unreadable ones) from every per-image list."""
+        keep = [i for i, p in enumerate(self.image_paths) if str(p) not in paths]
+        if not keep:
+            raise UserError(f"no readable image is left in {self.data_dir}")
+        for name in ("image_paths", "persons", "groups", "mask_labels", "gender_labels", "ages"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
 
     def split_dataset(self) -> tuple[np.ndarray, np.ndarray]:
         """Indices (train, val): a seeded random split of images, stratified by class."""
@@ -231,7 +361,7 @@ class MaskSplitByProfileDataset(MaskBaseDataset):
         """Indices (train, val): all photos of a person on one side, persons stratified by gender x age band."""
         bands = np.asarray([age_band(a, self.age_bounds) for a in self.ages])
         strata = np.asarray(self.gender_labels) * 3 + bands
-        return stratified_group_split(self.persons, strata, self.val_ratio, self.seed)
+        return stratified_group_split(self.groups, strata, self.val_ratio, self.seed)
 
 
 class ImageSubset(Dataset):
@@ -264,14 +394,20 @@ class TestDataset(Dataset):
         info_path = self.eval_dir / "info.csv"
         if not info_path.is_file():
             raise UserError(f"{info_path} does not exist: pass the eval directory (with info.csv) as --data_dir")
-        self.info = pd.read_csv(info_path, dtype={"ImageID": str})
+        try:
+            self.info = pd.read_csv(info_path, dtype={"ImageID": str})
+        except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            raise UserError(f"{info_path} is not a readable CSV ({e}): restore the competition's info.csv") from None
         if "ImageID" not in self.info.columns:
             raise UserError(f"{info_path} has no ImageID column (columns: {', '.join(self.info.columns)})")
         self.image_ids = self.info["ImageID"].tolist()
         self.image_paths = [self.eval_dir / "images" / i for i in self.image_ids]
         missing = [str(p) for p in self.image_paths if not p.is_file()]
         if missing:
-            raise UserError(f"{len(missing)} image(s) listed in {info_path} are missing, e.g. {missing[0]}")
+            raise UserError(
+                f"{len(missing)} ImageID(s) of {info_path} have no image: {utils.listing(missing)}; "
+                "every listed image needs a prediction, so restore them"
+            )
         self.transform = transform
         self.min_size = min_size
 

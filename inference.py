@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,13 @@ def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
 
 def load_run(run_dir: Path, checkpoint: str, device: torch.device) -> tuple[dict[str, Any], torch.nn.Module]:
     """The run's config and its model with the chosen checkpoint's weights, in eval mode."""
-    config = json.loads((run_dir / "config.json").read_text())
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        config["model"], config["num_classes"], config["augmentation"]  # noqa: B018 - what inference needs
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{run_dir / 'config.json'} is damaged ({type(e).__name__}: {e}); retrain or restore it"
+        ) from None
     model = model_module.build_model(config["model"], config["num_classes"])
     path = run_dir / f"{checkpoint}.pth"
     if not path.is_file():
@@ -110,6 +117,16 @@ def load_run(run_dir: Path, checkpoint: str, device: torch.device) -> tuple[dict
             f"{path} does not match the model in {run_dir / 'config.json'} ({str(e).splitlines()[1][:200]})"
         ) from None
     return config, model.to(device).eval()
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when the submission could not be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"--output_dir {folder} cannot be written ({e.strerror}): pass a writable folder") from None
 
 
 def write_submission(path: Path, image_ids: list[str], preds: np.ndarray, num_classes: int) -> pd.DataFrame:
@@ -134,10 +151,19 @@ def main(args: Namespace) -> Path:
             f"{config['resize'][1]} (height width): drop --resize, the run's size is used"
         )
     eval_dir = resolve_eval_dir(args.data_dir, config)
+    output = Path(args.output_dir) / "output.csv"
+    check_writable(output.parent)
 
     aug_cls = utils.find_class(augmentation_module, config["augmentation"], "the run's augmentation")
     aug = aug_cls(resize=config["resize"], mean=config["mean"], std=config["std"])
     test_set = dataset_module.TestDataset(eval_dir, aug.eval_transform, aug.load_size)
+    bad = dataset_module.find_unreadable(test_set.image_paths, aug.load_size, workers=args.num_workers + 1)
+    if bad:
+        listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
+        raise UserError(
+            f"{len(bad)} eval image(s) cannot be read: {listing}. Every image needs a prediction: "
+            "restore them from the competition data"
+        )
     loader = DataLoader(
         test_set,
         batch_size=args.batch_size,
@@ -148,7 +174,6 @@ def main(args: Namespace) -> Path:
     print(f"Predicting {len(test_set)} images of {eval_dir} with {run_dir / (args.checkpoint + '.pth')} on {device}")
     preds = utils.predict(model, loader, device, progress="inference").argmax(1).numpy()
 
-    output = Path(args.output_dir) / "output.csv"
     submission = write_submission(output, test_set.image_ids, preds, config["num_classes"])
     print(f"Wrote {output} ({len(submission)} rows)")
     truth_path = eval_dir / "truth.csv"  # present for the demo data and development sets, never in a competition

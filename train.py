@@ -13,6 +13,7 @@ import io
 import sys
 import time
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,12 @@ def get_parser() -> argparse.ArgumentParser:
         "--augmentation",
         default="BaseAugmentation",
         help=f"augmentation preset in augmentation.py. {utils.describe(augmentation_module.augmentation_classes())}",
+    )
+    data.add_argument(
+        "--skip_bad_images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train without unreadable images (listed in the run's bad_images.tsv) instead of stopping",
     )
     data.add_argument(
         "--resize",
@@ -187,11 +194,30 @@ def resolve_data_dir(data_dir: str | None) -> Path:
     """The configured training folder, else the competition default, else the demo data (generated once)."""
     if data_dir:
         if not Path(data_dir).is_dir():
-            raise UserError(f"--data_dir {data_dir} does not exist: pass the folder of person folders (train/images)")
+            problem = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
+            raise UserError(f"--data_dir {data_dir} {problem}: pass the folder of person folders (train/images)")
         return Path(data_dir)
     if Path(DEFAULT_TRAIN_DIR).is_dir():
         return Path(DEFAULT_TRAIN_DIR)
     return dataset_module.ensure_demo_data() / "train/images"
+
+
+def check_images(data: torch.utils.data.Dataset, load_size: Sequence[int], args: Namespace) -> dict[str, str]:
+    """Decode every image once before training: stop with all unreadable ones listed, or drop them."""
+    bad = dataset_module.find_unreadable(data.image_paths, load_size, workers=args.num_workers + 1)
+    if not bad:
+        return bad
+    listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
+    if not args.skip_bad_images:
+        raise UserError(
+            f"{len(bad)} image(s) cannot be read: {listing}. Replace or remove them, or pass --skip_bad_images"
+        )
+    print(
+        f"warning: skipping {len(bad)} unreadable image(s), listed in the run's bad_images.tsv: {listing}",
+        file=sys.stderr,
+    )
+    data.remove(bad)
+    return bad
 
 
 def build_optimizer(args: Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -272,6 +298,7 @@ def main(args: Namespace) -> Path:
     else:
         mean, std = dataset_module.SEED_MEAN, dataset_module.SEED_STD
     aug = aug_cls(resize=args.resize, mean=mean, std=std)
+    bad_images = check_images(data, aug.load_size, args)
 
     train_idx, val_idx = data.split_dataset()
     train_set = dataset_module.ImageSubset(data, train_idx, aug.train_transform, aug.load_size)
@@ -305,11 +332,15 @@ def main(args: Namespace) -> Path:
         "train_images": len(train_set),
         "val_images": len(val_set),
         "run_dir": str(run_dir),
+        "skipped_images": sorted(bad_images),
         "versions": utils.library_versions(),
         "git_commit": utils.git_commit(),
         "command": " ".join(sys.argv),
     }
     utils.save_json(config, run_dir / "config.json")
+    if bad_images:
+        rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
+        utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import inspect
 import json
 import os
@@ -16,7 +17,7 @@ import random
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -115,6 +116,12 @@ def module_classes(module: ModuleType, predicate: Callable[[type], bool] | None 
     }
 
 
+def listing(items: Sequence[str], limit: int = 5, sep: str = ", ") -> str:
+    """The first `limit` items joined, and how many more, for one-line messages."""
+    items = list(items)
+    return sep.join(items[:limit]) + (f"{sep}and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def unknown_name_message(flag: str, name: str, valid: Iterable[str], extra: str = "", more: Iterable[str] = ()) -> str:
     """One line naming the flag, the bad value, the closest valid name and all valid names.
 
@@ -210,8 +217,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"no space left on the device to write {path}: free some space and rerun"
+                + (f" (the previous {path.name} is kept)" if path.exists() else "")
+            ) from None
         raise
 
 

@@ -180,16 +180,3 @@ def test_demo_data_is_deterministic(tmp_path):
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert np.asarray(dataset.MaskBaseDataset(a / "train/images").labels).size == 14
-
-
-def test_an_unreadable_image_stops_training_with_one_line_naming_it(demo_root, tmp_path):
-    import shutil
-
-    data = tmp_path / "images"
-    shutil.copytree(demo_root / "train/images", data)
-    bad = next(data.iterdir()) / "mask3.jpg"
-    bad.write_bytes(bad.read_bytes()[:200])  # truncated upload
-    result = run_script("train.py", "--data_dir", str(data), *TRAIN_ARGS, "--val_ratio", "0.5", cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read image {bad}")

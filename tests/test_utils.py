@@ -77,3 +77,18 @@ def test_find_class_accepts_only_classes_defined_in_the_module():
     assert utils.find_class(dataset, "TestDataset", "--dataset") is dataset.TestDataset
     with pytest.raises(utils.UserError, match="Valid names"):
         utils.find_class(dataset, "Dataset", "--dataset")  # imported from torch, not defined there
+
+
+def test_run_main_prints_one_line_even_for_errors_raised_in_loader_workers(capsys):
+    wrapped = (
+        "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "dataset.py", line 1, in load_image\nutils.UserError: cannot read image a.jpg (truncated); replace it'
+    )
+
+    def main(args):
+        raise utils.UserError(wrapped)
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(main, None)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: cannot read image a.jpg (truncated); replace it\n"
