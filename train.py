@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import augmentation as augmentation_module
 import dataset as dataset_module
+import demo
 import loss as loss_module
 import model as model_module
 import utils
@@ -52,7 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--data_dir",
         default=utils.env_value("SM_CHANNEL_TRAIN"),
         help=f"folder of person folders [$SM_CHANNEL_TRAIN; when unset: {DEFAULT_TRAIN_DIR} if it "
-        f"exists, else the demo data in {dataset_module.DEMO_DIR}, generated once]",
+        f"exists, else the demo data in {demo.DEMO_DIR}, generated once]",
     )
     data.add_argument(
         "--dataset",
@@ -199,7 +200,7 @@ def resolve_data_dir(data_dir: str | None) -> Path:
         return Path(data_dir)
     if Path(DEFAULT_TRAIN_DIR).is_dir():
         return Path(DEFAULT_TRAIN_DIR)
-    return dataset_module.ensure_demo_data() / "train/images"
+    return demo.ensure_demo_data() / "train/images"
 
 
 def check_images(data: torch.utils.data.Dataset, load_size: Sequence[int], args: Namespace) -> dict[str, str]:

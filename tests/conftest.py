@@ -12,13 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import dataset  # noqa: E402
+import demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny demo data set in the competition layout: 12 training persons, 2 eval persons (read-only)."""
-    return dataset.make_demo_data(tmp_path_factory.mktemp("data") / "demo", n_train=12, n_eval=2, seed=1)
+    return demo.make_demo_data(tmp_path_factory.mktemp("data") / "demo", n_train=12, n_eval=2, seed=1)
 
 
 def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):

@@ -12,6 +12,7 @@ import torch
 
 import augmentation
 import dataset
+import demo
 import model
 import utils
 from conftest import run_script
@@ -174,8 +175,8 @@ def test_demo_data_has_the_competition_layout(demo_root):
 
 
 def test_demo_data_is_deterministic(tmp_path):
-    a = dataset.make_demo_data(tmp_path / "a", n_train=2, n_eval=1, seed=4)
-    b = dataset.make_demo_data(tmp_path / "b", n_train=2, n_eval=1, seed=4)
+    a = demo.make_demo_data(tmp_path / "a", n_train=2, n_eval=1, seed=4)
+    b = demo.make_demo_data(tmp_path / "b", n_train=2, n_eval=1, seed=4)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
