@@ -93,7 +93,16 @@ def load_image(path: str | os.PathLike, min_size: Sequence[int] | None = None) -
     try:
         return _decode(path, min_size)
     except _DECODE_ERRORS as e:
-        raise UserError(f"cannot read image {path} ({e}); remove or replace the file") from None
+        raise utils.UnreadableImageError(path, str(e) or type(e).__name__) from None
+
+
+def decode_fixed(path: str | os.PathLike, size: Sequence[int]) -> np.ndarray:
+    """`load_image` at exactly `size` (H, W), as an HxWx3 uint8 array: what the caches store and what the
+    datasets read when there is no cache, so both give the transforms the same pixels."""
+    image = load_image(path, size)
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(image)
 
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -112,25 +121,6 @@ def _decode(path: str | os.PathLike, min_size: Sequence[int] | None) -> Image.Im
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image.convert("RGBA"))
         return image.convert("RGB")
-
-
-def find_unreadable(
-    paths: Sequence[str | os.PathLike], min_size: Sequence[int] | None = None, workers: int = 2
-) -> dict[str, str]:
-    """{path: reason} for every image that cannot be decoded, all found in one pass (threads: PIL decodes
-    without holding the GIL). Decoding at `min_size` keeps the pass cheap."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def check(path: str | os.PathLike) -> str | None:
-        try:
-            _decode(path, min_size)
-        except _DECODE_ERRORS as e:
-            return str(e) or type(e).__name__
-        return None
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(check, paths))
-    return {str(p): r for p, r in zip(paths, reasons, strict=True) if r is not None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,14 +330,11 @@ class MaskBaseDataset(Dataset):
         """Indices (train, val): a seeded random split of images, stratified by class."""
         return stratified_group_split(np.arange(len(self)), self.labels, self.val_ratio, self.seed)
 
-    def read_image(self, index: int, min_size: Sequence[int] | None = None) -> Image.Image:
-        return load_image(self.image_paths[index], min_size)
-
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.read_image(index), int(self.labels[index])
+        return load_image(self.image_paths[index]), int(self.labels[index])
 
 
 class MaskSplitByProfileDataset(MaskBaseDataset):
@@ -364,27 +351,35 @@ class ImageSubset(Dataset):
     """A view of some of a dataset's images with its own transform (train and validation never share one)."""
 
     def __init__(
-        self, dataset: MaskBaseDataset, indices: Sequence[int], transform: Callable, min_size: Sequence[int] | None
+        self,
+        dataset: MaskBaseDataset,
+        indices: Sequence[int],
+        transform: Callable,
+        size: Sequence[int],
+        cache: Any = None,
     ) -> None:
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
-        self.min_size = min_size
+        self.size = tuple(size)  # (H, W) images are decoded at, before the transform
+        self.cache = cache  # cache.RamCache / DiskCache over the dataset's images, or None
+        assert cache is None or cache[0].shape[:2] == self.size, "the cache holds images of the size decoded here"
         self.targets = np.asarray(dataset.labels)[self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = self.dataset.read_image(int(self.indices[i]), self.min_size)
-        return self.transform(image), int(self.targets[i])
+        j = int(self.indices[i])
+        pixels = self.cache[j] if self.cache is not None else decode_fixed(self.dataset.image_paths[j], self.size)
+        return self.transform(Image.fromarray(pixels)), int(self.targets[i])
 
 
 class TestDataset(Dataset):
     """The images of `{eval_dir}/info.csv` (column ImageID) in `{eval_dir}/images`, in the CSV's order."""
 
     def __init__(
-        self, eval_dir: str | os.PathLike, transform: Callable | None = None, min_size: Sequence[int] | None = None
+        self, eval_dir: str | os.PathLike, transform: Callable | None = None, size: Sequence[int] | None = None
     ) -> None:
         self.eval_dir = Path(eval_dir)
         info_path = self.eval_dir / "info.csv"
@@ -405,13 +400,16 @@ class TestDataset(Dataset):
                 "every listed image needs a prediction, so restore them"
             )
         self.transform = transform
-        self.min_size = min_size
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = load_image(self.image_paths[index], self.min_size)
+        if self.size is None:
+            image = load_image(self.image_paths[index])
+        else:
+            image = Image.fromarray(decode_fixed(self.image_paths[index], self.size))
         return (self.transform(image) if self.transform else image), index
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from dataset import GENDER_NAMES, MASK_FILES, age_band, encode
+from utils import UserError
 
 DEMO_SIZE = (512, 384)  # (H, W) of the competition's portrait photos
 _MASK_COLORS = [(236, 236, 236), (150, 190, 230), (40, 40, 45), (230, 160, 185), (90, 150, 90)]
@@ -165,3 +166,19 @@ def ensure_demo_data(root: str | os.PathLike = DEMO_DIR) -> Path:
         print(f"No data directory configured: generating the demo data set in {root} (once, ~20 s)", flush=True)
         make_demo_data(root)
     return root
+
+
+DEFAULT_TRAIN_DIR = "/opt/ml/input/data/train/images"  # the competition server's layout
+
+
+def resolve_train_dir(data_dir: str | None) -> Path:
+    """The configured training folder (flag or $SM_CHANNEL_TRAIN), else the competition server's, else the demo
+    data (generated once). train.py and eda.ipynb both find their data here."""
+    if data_dir:
+        if not Path(data_dir).is_dir():
+            problem = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
+            raise UserError(f"--data_dir {data_dir} {problem}: pass the folder of person folders (train/images)")
+        return Path(data_dir)
+    if Path(DEFAULT_TRAIN_DIR).is_dir():
+        return Path(DEFAULT_TRAIN_DIR)
+    return ensure_demo_data() / "train/images"

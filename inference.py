@@ -10,6 +10,7 @@ The model and its eval transform are rebuilt from the run's config.json: no trai
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 from argparse import Namespace
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import augmentation as augmentation_module
+import cache as cache_module
 import dataset as dataset_module
 import model as model_module
 import utils
@@ -157,7 +159,8 @@ def main(args: Namespace) -> Path:
     aug_cls = utils.find_class(augmentation_module, config["augmentation"], "the run's augmentation")
     aug = aug_cls(resize=config["resize"], mean=config["mean"], std=config["std"])
     test_set = dataset_module.TestDataset(eval_dir, aug.eval_transform, aug.load_size)
-    bad = dataset_module.find_unreadable(test_set.image_paths, aug.load_size, workers=args.num_workers + 1)
+    decode = functools.partial(dataset_module.decode_fixed, size=tuple(aug.load_size))
+    bad = cache_module.find_unreadable(test_set.image_paths, decode, workers=args.num_workers + 1)
     if bad:
         listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
         raise UserError(

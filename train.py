@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import sys
 import time
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import augmentation as augmentation_module
+import cache as cache_module
 import dataset as dataset_module
 import demo
 import loss as loss_module
@@ -30,7 +32,6 @@ import model as model_module
 import utils
 from utils import UserError
 
-DEFAULT_TRAIN_DIR = "/opt/ml/input/data/train/images"  # the competition server's layout
 SCHEDULERS = ("none", "step", "cosine")
 
 
@@ -52,7 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--data_dir",
         default=utils.env_value("SM_CHANNEL_TRAIN"),
-        help=f"folder of person folders [$SM_CHANNEL_TRAIN; when unset: {DEFAULT_TRAIN_DIR} if it "
+        help=f"folder of person folders [$SM_CHANNEL_TRAIN; when unset: {demo.DEFAULT_TRAIN_DIR} if it "
         f"exists, else the demo data in {demo.DEMO_DIR}, generated once]",
     )
     data.add_argument(
@@ -75,6 +76,36 @@ def get_parser() -> argparse.ArgumentParser:
         "--augmentation",
         default="BaseAugmentation",
         help=f"augmentation preset in augmentation.py. {utils.describe(augmentation_module.augmentation_classes())}",
+    )
+    data.add_argument(
+        "--cache",
+        choices=("auto", "none", "ram", "disk"),
+        default="auto",
+        help="decoded images kept after the first pass: in memory (shared by all workers), as files reused by "
+        "later runs, or none; auto: ram when it fits in a quarter of the free memory, else disk",
+    )
+    data.add_argument(
+        "--cache_dir",
+        default=utils.env_value("CACHE_DIR", "./cache"),
+        help="folder of the disk cache [$CACHE_DIR]",
+    )
+    data.add_argument(
+        "--pin_memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="page-locked batches for faster copies to the GPU (default: on with CUDA)",
+    )
+    data.add_argument(
+        "--persistent_workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep loader workers alive between epochs",
+    )
+    data.add_argument(
+        "--prefetch_factor",
+        type=int,
+        default=int(utils.env_value("PREFETCH_FACTOR", 2)),
+        help="batches each worker prepares ahead [$PREFETCH_FACTOR]",
     )
     data.add_argument(
         "--skip_bad_images",
@@ -163,7 +194,7 @@ def check_args(args: Namespace) -> None:
     """Reject impossible flags and unknown names before any data is read."""
     if not 0 < args.val_ratio < 1:
         raise UserError(f"--val_ratio {args.val_ratio} must be between 0 and 1 (e.g. 0.2)")
-    for flag in ("epochs", "batch_size", "valid_batch_size", "lr_decay_step"):
+    for flag in ("epochs", "batch_size", "valid_batch_size", "lr_decay_step", "prefetch_factor"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
     if min(args.resize) < 8:
@@ -191,23 +222,23 @@ def check_args(args: Namespace) -> None:
         )
 
 
-def resolve_data_dir(data_dir: str | None) -> Path:
-    """The configured training folder, else the competition default, else the demo data (generated once)."""
-    if data_dir:
-        if not Path(data_dir).is_dir():
-            problem = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
-            raise UserError(f"--data_dir {data_dir} {problem}: pass the folder of person folders (train/images)")
-        return Path(data_dir)
-    if Path(DEFAULT_TRAIN_DIR).is_dir():
-        return Path(DEFAULT_TRAIN_DIR)
-    return demo.ensure_demo_data() / "train/images"
-
-
-def check_images(data: torch.utils.data.Dataset, load_size: Sequence[int], args: Namespace) -> dict[str, str]:
-    """Decode every image once before training: stop with all unreadable ones listed, or drop them."""
-    bad = dataset_module.find_unreadable(data.image_paths, load_size, workers=args.num_workers + 1)
+def prepare_images(
+    data: torch.utils.data.Dataset, size: Sequence[int], args: Namespace
+) -> tuple[dict[str, str], cache_module.RamCache | cache_module.DiskCache | None]:
+    """Decode every image once before training, into the cache when there is one: stop with all unreadable
+    images listed, or drop them (--skip_bad_images). Returns ({path: reason} of dropped images, cache)."""
+    paths = [str(p) for p in data.image_paths]
+    decode = functools.partial(dataset_module.decode_fixed, size=tuple(size))
+    workers = args.num_workers + 1  # the loader workers do not exist yet: use their cores
+    kind = cache_module.choose_kind(args.cache, len(paths), size)
+    if kind == "none":
+        cache, bad = None, cache_module.find_unreadable(paths, decode, workers)
+    else:
+        cache = cache_module.build_cache(kind, paths, size, decode, workers, args.cache_dir)
+        bad = cache.bad
+        print(cache.report)
     if not bad:
-        return bad
+        return bad, cache
     listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
     if not args.skip_bad_images:
         raise UserError(
@@ -217,8 +248,10 @@ def check_images(data: torch.utils.data.Dataset, load_size: Sequence[int], args:
         f"warning: skipping {len(bad)} unreadable image(s), listed in the run's bad_images.tsv: {listing}",
         file=sys.stderr,
     )
+    if cache is not None:
+        cache.keep(np.array([p not in bad for p in paths]))
     data.remove(bad)
-    return bad
+    return bad, cache
 
 
 def build_optimizer(args: Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -247,8 +280,9 @@ def make_loader(
         # A last training batch of one image breaks BatchNorm; validation always sees every image.
         drop_last=train and len(subset) % batch_size == 1,
         num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
+        pin_memory=device.type == "cuda" if args.pin_memory is None else args.pin_memory,
+        persistent_workers=args.num_workers > 0 and args.persistent_workers,
+        prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None,
         worker_init_fn=utils.seed_worker,
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -282,7 +316,7 @@ def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 def main(args: Namespace) -> Path:
     check_args(args)
     device = utils.select_device(args.device)
-    data_dir = resolve_data_dir(args.data_dir)
+    data_dir = demo.resolve_train_dir(args.data_dir)
     utils.seed_everything(args.seed)
 
     data = dataset_classes()[args.dataset](
@@ -299,11 +333,11 @@ def main(args: Namespace) -> Path:
     else:
         mean, std = dataset_module.SEED_MEAN, dataset_module.SEED_STD
     aug = aug_cls(resize=args.resize, mean=mean, std=std)
-    bad_images = check_images(data, aug.load_size, args)
+    bad_images, cache = prepare_images(data, aug.load_size, args)
 
     train_idx, val_idx = data.split_dataset()
-    train_set = dataset_module.ImageSubset(data, train_idx, aug.train_transform, aug.load_size)
-    val_set = dataset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
+    train_set = dataset_module.ImageSubset(data, train_idx, aug.train_transform, aug.load_size, cache)
+    val_set = dataset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size, cache)
     train_loader = make_loader(train_set, args.batch_size, True, args, device)
     val_loader = make_loader(val_set, args.valid_batch_size, False, args, device)
     print(

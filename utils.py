@@ -30,6 +30,18 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, flag or name); scripts print it on one line and exit 2."""
 
 
+class UnreadableImageError(UserError):
+    """An image file that cannot be decoded (truncated, empty, not an image, too large)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None) -> None:
+        if reason is None:  # re-created from its message, as DataLoader does with errors raised in workers
+            super().__init__(str(path))
+            self.path, self.reason = "", str(path)
+            return
+        super().__init__(f"cannot read image {path} ({reason}); remove or replace the file")
+        self.path, self.reason = str(path), reason
+
+
 def run_main(main: Callable[[Any], Any], args: Any) -> None:
     """Run a script's `main(args)`, turning a `UserError` into one line on stderr and exit code 2."""
     try:

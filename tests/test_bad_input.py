@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import shutil
 import signal
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cache
 import dataset
 import inference
 import train
@@ -121,7 +123,8 @@ def test_huge_images_are_decoded_small_and_bombs_are_reported(tmp_path, monkeypa
     assert small.size == (750, 1000)  # decoded at 1/8 scale, never at 48 megapixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a decompression bomb
     Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
-    found = dataset.find_unreadable([tmp_path / "bomb.png", tmp_path / "huge.jpg"], (128, 96))
+    decode = functools.partial(dataset.decode_fixed, size=(128, 96))
+    found = cache.find_unreadable([tmp_path / "bomb.png", tmp_path / "huge.jpg"], decode)
     assert str(tmp_path / "bomb.png") in found
     assert "decompression bomb" in found[str(tmp_path / "bomb.png")]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +93,19 @@ def test_example_commands_run(command, demo_root, tmp_path):
         )
     result = run_script(args[0], *args[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_notebook_command_runs(demo_root, tmp_path, monkeypatch):
+    """The README's command for eda.ipynb, in a copy of the project, on the tiny demo data."""
+    section = README.split("## Look at the data first", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"```bash\n(.+?)\n```", section)
+    for path in [*ROOT.glob("*.py"), ROOT / "eda.ipynb"]:
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.setenv("SM_CHANNEL_TRAIN", str(demo_root / "train/images"))
+    command = command.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    executed = json.loads((tmp_path / "output/eda.ipynb").read_text())
+    images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 6
+    assert not (tmp_path / "data").exists()  # used the configured data, generated nothing

@@ -1,0 +1,161 @@
+"""Decoded-image caches: every image is decoded once, at the size the transforms start from, then reused.
+
+    python train.py --cache ram        # uint8 images in memory, shared by every loader worker
+    python train.py --cache disk       # .npy files under --cache_dir, reused by later runs
+    python train.py --cache none       # decode every image every epoch (the seed baseline's way)
+
+A cache holds what `decode(path)` returns as an HxWx3 uint8 array; the dataset then applies its transform
+to it exactly as it would to a freshly decoded image, so cached and uncached tensors are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import utils
+
+Decode = Callable[[str], np.ndarray]  # path -> HxWx3 uint8; raises on an unreadable file
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo; elsewhere physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_kind(kind: str, n_images: int, size: Sequence[int]) -> str:
+    """`auto` is RAM when the cache takes under a quarter of the available memory, else disk."""
+    if kind != "auto":
+        return kind
+    return "ram" if n_images * size[0] * size[1] * 3 < available_memory() // 4 else "disk"
+
+
+def _decode_all(
+    paths: Sequence[str],
+    decode: Decode,
+    store: Callable[[int, np.ndarray], None],
+    workers: int,
+    skip: Callable[[int], bool] = lambda i: False,
+) -> dict[str, str]:
+    """Decode `paths` on `workers` threads (PIL releases the GIL while decoding), handing each to `store`;
+    returns {path: reason} of the unreadable ones."""
+
+    def one(i: int) -> str | None:
+        if skip(i):
+            return None
+        try:
+            store(i, decode(paths[i]))
+        except utils.UnreadableImageError as e:
+            return e.reason
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(one, range(len(paths))))
+    return {str(paths[i]): r for i, r in enumerate(reasons) if r is not None}
+
+
+class RamCache:
+    """All images in one (N, H, W, 3) uint8 array, built in the main process before the loaders start.
+
+    Loader workers are forked from that process and only read the array, so its pages are shared, not
+    copied: memory does not grow with the number of workers.
+    """
+
+    kind = "ram"
+
+    def __init__(self, paths: Sequence[str], size: Sequence[int], decode: Decode, workers: int = 1) -> None:
+        start = time.time()
+        self.images = np.zeros((len(paths), size[0], size[1], 3), dtype=np.uint8)
+
+        def store(i: int, image: np.ndarray) -> None:
+            self.images[i] = image
+
+        self.bad = _decode_all(paths, decode, store, workers)
+        self.report = (
+            f"RAM cache: {len(paths) - len(self.bad)} images, {self.images.nbytes / 2**20:.1f} MiB, "
+            f"built in {time.time() - start:.1f}s"
+        )
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Drop the rows where `mask` is False (images removed from the dataset)."""
+        self.images = self.images[mask]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class DiskCache:
+    """One .npy file per image under `root`, named by a hash of the file's path, size and modification time
+    and of the target size: a later run reuses it, and a changed file gets a new entry (decoded again)."""
+
+    kind = "disk"
+
+    def __init__(
+        self, paths: Sequence[str], size: Sequence[int], decode: Decode, root: str | os.PathLike, workers: int = 1
+    ) -> None:
+        start = time.time()
+        self.root = Path(root)
+        self.files = [self.entry(p, size) for p in paths]
+
+        def store(i: int, image: np.ndarray) -> None:
+            self.files[i].parent.mkdir(parents=True, exist_ok=True)
+            utils.atomic_write(self.files[i], lambda f: np.save(f, image), binary=True)
+
+        reused = sum(f.is_file() for f in self.files)
+        self.bad = _decode_all(paths, decode, store, workers, skip=lambda i: self.files[i].is_file())
+        total = sum(f.stat().st_size for f in self.files if f.is_file())
+        self.report = (
+            f"disk cache in {self.root}: {len(paths) - len(self.bad)} images ({reused} reused), "
+            f"{total / 2**20:.1f} MiB, ready in {time.time() - start:.1f}s"
+        )
+
+    def entry(self, path: str | os.PathLike, size: Sequence[int]) -> Path:
+        stat = os.stat(path)
+        key = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size[0]}x{size[1]}"
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        return self.root / digest[:2] / f"{digest}.npy"
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.files = [f for f, k in zip(self.files, mask, strict=True) if k]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.load(self.files[index])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def find_unreadable(paths: Sequence[str], decode: Decode, workers: int = 1) -> dict[str, str]:
+    """{path: reason} of every image `decode` fails on, all found in one pass; nothing is kept."""
+    return _decode_all(paths, decode, lambda i, image: None, workers)
+
+
+def build_cache(
+    kind: str,
+    paths: Sequence[str],
+    size: Sequence[int],
+    decode: Decode,
+    workers: int = 1,
+    cache_dir: str | os.PathLike = "cache",
+) -> RamCache | DiskCache:
+    """The cache of `kind` ('ram' or 'disk') over `paths`; unreadable images are listed in its `.bad`."""
+    if kind == "ram":
+        return RamCache(paths, size, decode, workers)
+    if kind == "disk":
+        return DiskCache(paths, size, decode, cache_dir, workers)
+    raise utils.UserError(f"--cache {kind} is unknown: choose auto, none, ram or disk")
