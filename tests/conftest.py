@@ -21,6 +21,11 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo.make_demo_data(tmp_path_factory.mktemp("data") / "demo", n_train=12, n_eval=2, seed=1)
 
 
+def tiny_run_args(demo_root: Path, *extra: str) -> list[str]:
+    """train.py flags for a one-epoch run on the tiny demo data at 64x48."""
+    return ["--data_dir", str(demo_root / "train/images"), "--epochs", "1", "--resize", "64", "48", *extra]
+
+
 def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
     """Run one of the project's scripts as a user would, in `cwd`, with a clean SM_* environment."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SM_") and k != "NUM_WORKERS"}

@@ -108,21 +108,9 @@ def test_the_cache_is_built_once_per_run(demo_root, tmp_path, monkeypatch):
 
 
 def test_training_with_the_disk_cache_reuses_it_in_the_next_run(demo_root, tmp_path):
-    from conftest import run_script
+    from conftest import run_script, tiny_run_args
 
-    args = [
-        "--data_dir",
-        str(demo_root / "train/images"),
-        "--epochs",
-        "1",
-        "--resize",
-        "64",
-        "48",
-        "--cache",
-        "disk",
-        "--cache_dir",
-        str(tmp_path / "cache"),
-    ]
+    args = tiny_run_args(demo_root, "--cache", "disk", "--cache_dir", str(tmp_path / "cache"))
     first = run_script("train.py", *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr and "(0 reused)" in first.stdout
     second = run_script("train.py", *args, cwd=tmp_path)

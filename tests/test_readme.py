@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tiny_run_args
 
 README = (ROOT / "README.md").read_text()
 
@@ -78,19 +78,8 @@ def test_example_commands_run(command, demo_root, tmp_path):
     if args[0] == "train.py":
         args += ["--epochs", "1", "--resize", "64", "48"]
     else:  # inference of a run named in the examples: train it first
-        run_script(
-            "train.py",
-            "--data_dir",
-            str(demo_root / "train/images"),
-            "--epochs",
-            "1",
-            "--resize",
-            "64",
-            "48",
-            "--name",
-            Path(args[args.index("--model_dir") + 1]).name,
-            cwd=tmp_path,
-        )
+        name = Path(args[args.index("--model_dir") + 1]).name
+        run_script("train.py", *tiny_run_args(demo_root, "--name", name), cwd=tmp_path)
     result = run_script(args[0], *args[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
