@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
@@ -51,6 +52,8 @@ class CenterCropFraction:
 
 class BaseAugmentation:
     """Resize, to tensor, normalize (the seed's preset); train and eval transforms are the same."""
+
+    crop_fraction = (1.0, 1.0)  # central share (H, W) of the decoded image the network sees
 
     def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
         self.load_size = tuple(resize)
@@ -130,6 +133,61 @@ class _AlbumentationsCall:
             self.compose.set_random_seed(torch.initial_seed() % 2**32)
             self.seeded_for = key
         return self.compose(image=np.asarray(image))["image"]
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> CHW uint8 tensor: what the training loader returns with --gpu_aug (4x fewer bytes than
+    float, and the augmentation then runs on the device)."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+class BatchAugment:
+    """Augment whole uint8 NCHW batches on the training device (--gpu_aug): the preset's central crop and
+    resize, a random scale/shift and horizontal flip (one `grid_sample`), brightness, contrast and saturation
+    jitter, then normalization. Random numbers come from torch on that device, so runs repeat per seed."""
+
+    def __init__(
+        self,
+        resize: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_fraction: Sequence[float] = (1.0, 1.0),
+        flip: float = 0.5,
+        scale: float = 0.1,
+        shift: float = 0.06,
+        jitter: float = 0.2,
+    ) -> None:
+        self.resize, self.crop_fraction = tuple(resize), tuple(crop_fraction)
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.flip, self.scale, self.shift, self.jitter = flip, scale, shift, jitter
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n, device = len(images), images.device
+        x = images.float().div_(255)
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.empty(n, device=device).uniform_(low, high)
+
+        # Output pixel (u, v) in [-1, 1] samples input (sx * u + tx, sy * v + ty): crop, scale, shift, flip at once.
+        zoom = uniform(1 - self.scale, 1 + self.scale)
+        flip = torch.where(torch.rand(n, device=device) < self.flip, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0] = self.crop_fraction[1] * zoom * flip
+        theta[:, 1, 1] = self.crop_fraction[0] * zoom
+        theta[:, 0, 2] = uniform(-2 * self.shift, 2 * self.shift)
+        theta[:, 1, 2] = uniform(-2 * self.shift, 2 * self.shift)
+        grid = F.affine_grid(theta, [n, 3, *self.resize], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if self.jitter:
+            j = self.jitter
+            x = x * uniform(1 - j, 1 + j).view(n, 1, 1, 1)  # brightness
+            gray = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = gray.mean((2, 3), keepdim=True) + (x - gray.mean((2, 3), keepdim=True)) * uniform(1 - j, 1 + j).view(
+                n, 1, 1, 1
+            )  # contrast around each image's mean gray
+            x = gray + (x - gray) * uniform(1 - j, 1 + j).view(n, 1, 1, 1)  # saturation
+            x = x.clamp_(0, 1)
+        return (x - self.mean.to(device)) / self.std.to(device)
 
 
 def augmentation_classes() -> dict[str, type]:

@@ -3,19 +3,25 @@
     python train.py --model BaseModel                  # small CNN, fast on a CPU
     python train.py --model resnet18                   # any name in timm.list_models()
     python train.py --model resnet18 --pretrained_path resnet18.safetensors   # local weights, head replaced
+    python train.py --model MultiHeadModel --backbone resnet18   # mask, gender and age heads on one backbone
 
 To add a model, define a class here taking `num_classes`; `--model YourClass` then works and the tests
-check it automatically.
+check it automatically. Its forward returns (N, num_classes) logits, or any raw layout together with a
+`class_logits(outputs)` method that maps it to (N, num_classes) scores (as `MultiHeadModel` does).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import utils
@@ -53,19 +59,136 @@ class BaseModel(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+# The mask competition's label as three tasks: mask (wear, incorrect, normal), gender (male, female), age band
+# (<30, 30-59, >=60); class = mask * 6 + gender * 3 + age, which is the row-major index into a (3, 2, 3) grid
+# (dataset.encode). Kept here rather than imported, as model.py imports nothing from the project but utils.
+TASK_NAMES = ("mask", "gender", "age")
+TASK_SIZES = (3, 2, 3)
+
+
+def split_tasks(outputs: torch.Tensor, tasks: Sequence[int] = TASK_SIZES) -> tuple[torch.Tensor, ...]:
+    """The (N, sum(tasks)) raw outputs of a multi-head model cut into one (N, size) logit block per task."""
+    assert outputs.shape[-1] == sum(tasks), f"{outputs.shape[-1]} outputs for tasks {tuple(tasks)}; need {sum(tasks)}"
+    return tuple(outputs.split(list(tasks), dim=-1))
+
+
+def combine_tasks(outputs: torch.Tensor, tasks: Sequence[int] = TASK_SIZES) -> torch.Tensor:
+    """(N, prod(tasks)) class log-probabilities: the sum of the tasks' log-softmaxes, in row-major class order.
+
+    So the softmax of the result is the product of the task probabilities and its argmax is the combination of
+    the per-task argmaxes (for the mask tasks: mask * 6 + gender * 3 + age).
+    """
+    dtype = torch.promote_types(outputs.dtype, torch.float32)  # half-precision outputs (AMP) lose too much here
+    parts = [F.log_softmax(part, dim=-1, dtype=dtype) for part in split_tasks(outputs, tasks)]
+    joint = parts[0]
+    for part in parts[1:]:  # outer sum; flattening (N, a, b) row-major puts the later task in the faster index
+        joint = (joint[:, :, None] + part[:, None, :]).flatten(1)
+    return joint
+
+
+def to_class_logits(outputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """(N, num_classes) scores whose softmax is the class probabilities, whatever the model's output layout.
+
+    Single-head models already output class logits; a model with a `class_logits(outputs)` method (such as a
+    multi-head model) turns its raw outputs into class log-probabilities there.
+    """
+    convert = getattr(utils.unwrap_model(model), "class_logits", None)
+    return convert(outputs) if convert is not None else outputs
+
+
+def task_sizes(model: nn.Module) -> tuple[int, ...] | None:
+    """The class count of each task of a multi-head model (its `tasks`), None for a single-head model.
+
+    train.py passes it to `loss.create_criterion(..., tasks=...)` so the criterion is applied per task.
+    """
+    tasks = getattr(utils.unwrap_model(model), "tasks", None)
+    return tuple(tasks) if tasks is not None else None
+
+
+class MultiHeadModel(nn.Module):
+    """One backbone (BaseModel or any timm architecture, --backbone) with mask, gender and age heads."""
+
+    def __init__(
+        self,
+        num_classes: int = 18,
+        backbone: str = "BaseModel",
+        pretrained: bool = False,
+        dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes != math.prod(TASK_SIZES):
+            raise UserError(
+                f"--model MultiHeadModel predicts mask, gender and age, so it is only for the "
+                f"{math.prod(TASK_SIZES)} mask classes; this data set has {num_classes} classes: use a single-head "
+                "model such as BaseModel or a timm architecture"
+            )
+        self.tasks = TASK_SIZES
+        if backbone == "BaseModel":
+            if pretrained:
+                raise UserError(
+                    "--backbone BaseModel has no published weights: drop --pretrained, pass --pretrained_path FILE, "
+                    "or pick a timm --backbone"
+                )
+            net = BaseModel(num_classes=1, **({} if dropout is None else {"dropout": dropout}))
+            width = net.classifier.in_features
+            net.classifier = nn.Identity()  # the backbone ends at the (dropped-out) pooled features
+        else:
+            check_backbone_name(backbone)
+            # num_classes=0: timm returns pooled features; some architectures (MobileNetV3) add a wider head layer
+            # after pooling, whose width is head_hidden_size rather than num_features.
+            net = _create_timm(backbone, pretrained, num_classes=0, drop_rate=dropout, flag="--backbone")
+            width = getattr(net, "head_hidden_size", None) or net.num_features
+        self.backbone = net
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(width, size) for name, size in zip(TASK_NAMES, TASK_SIZES, strict=True)}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 8) raw logits: mask 3 | gender 2 | age 3 (see `split_tasks` and `class_logits`)."""
+        features = self.backbone(x)
+        return torch.cat([head(features) for head in self.heads.values()], dim=1)
+
+    def class_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(N, 18) log p_mask + log p_gender + log p_age at index mask * 6 + gender * 3 + age."""
+        return combine_tasks(outputs, self.tasks)
+
+
 def model_classes() -> dict[str, type]:
     """The model classes defined in this file, by name."""
     return utils.module_classes(sys.modules[__name__], lambda c: issubclass(c, nn.Module))
 
 
-def check_model_name(name: str) -> None:
-    """A `UserError` naming the valid choices unless `name` is a class here or a timm architecture."""
+def check_model_name(name: str, flag: str = "--model", local: Sequence[str] | None = None) -> None:
+    """A `UserError` naming the valid choices unless `name` is in `local` (default: the classes here) or timm's."""
     import timm
 
-    if name in model_classes() or timm.is_model(name):
+    local = list(model_classes() if local is None else local)
+    if name in local or timm.is_model(name):
         return
     extra = ", or any timm architecture (python -c 'import timm; print(timm.list_models())')"
-    raise UserError(utils.unknown_name_message("--model", name, model_classes(), extra, more=timm.list_models()))
+    raise UserError(utils.unknown_name_message(flag, name, local, extra, more=timm.list_models()))
+
+
+def check_backbone_name(name: str) -> None:
+    """A `UserError` naming the valid choices unless `name` is a `MultiHeadModel` backbone (BaseModel or timm's)."""
+    check_model_name(name, flag="--backbone", local=("BaseModel",))
+
+
+def _create_timm(name: str, pretrained: bool, flag: str = "--model", **kwargs: Any) -> nn.Module:
+    """`timm.create_model`, dropping None kwargs; a failed weights download becomes a `UserError`."""
+    import timm
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise
+        raise UserError(
+            f"could not get pretrained weights for {flag} {name} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); without a network, download them elsewhere and pass "
+            "--pretrained_path FILE"
+        ) from None
 
 
 def build_model(
@@ -79,36 +202,43 @@ def build_model(
 
     `pretrained` downloads timm's weights (needs a network); `pretrained_path` loads weights from a local file
     (timm .safetensors/.pth/.bin, or one of our checkpoints), re-initialising layers whose shape differs,
-    such as a classifier head for another number of classes. kwargs that are None keep the model's defaults.
+    such as a classifier head for another number of classes. kwargs that are None keep the model's defaults;
+    `backbone` is accepted only by models that take it (MultiHeadModel).
     """
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     classes = model_classes()
     if name in classes:
-        if pretrained:
+        cls = classes[name]
+        takes = inspect.signature(cls).parameters
+        if "backbone" in kwargs and "backbone" not in takes:
+            raise UserError(f"--backbone is for multi-head models; --model {name} has its own: drop --backbone")
+        if pretrained and "pretrained" not in takes:
             raise UserError(
                 f"--model {name} has no published weights: drop --pretrained or pass --pretrained_path FILE"
             )
-        model = classes[name](num_classes=num_classes, **utils.filter_kwargs(classes[name], kwargs))
+        if pretrained:
+            kwargs["pretrained"] = True
+        model = cls(num_classes=num_classes, **utils.filter_kwargs(cls, kwargs))
     else:
-        import timm
-
-        try:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-        except Exception as e:
-            if not pretrained:
-                raise
+        if "backbone" in kwargs:
             raise UserError(
-                f"could not get pretrained weights for {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                "without a network, download them elsewhere and pass --pretrained_path FILE"
-            ) from None
+                f"--backbone is for multi-head models; --model {name} is a timm architecture: drop --backbone, "
+                f"or use --model MultiHeadModel --backbone {name}"
+            )
+        model = _create_timm(name, pretrained, num_classes=num_classes, **kwargs)
     if pretrained_path:
         load_pretrained(model, pretrained_path)
     return model
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load matching weights from `path` into `model`; returns the names of the tensors left as initialised."""
+    """Load matching weights from `path` into `model`; returns the names of the tensors left as initialised.
+
+    A model with a `backbone` (MultiHeadModel) also takes a file holding only that backbone's weights, such as
+    timm's ImageNet weights or a BaseModel checkpoint, its heads then newly initialised; and a single-head model
+    takes the backbone of a MultiHeadModel checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--pretrained_path {path} does not exist: give the path of a local weights file")
@@ -126,7 +256,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
             state = state[key]
     state = utils.clean_state_dict(state)
     own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    candidates = [state]
+    if isinstance(getattr(model, "backbone", None), nn.Module):  # backbone weights saved on their own (timm's)
+        candidates.append({f"backbone.{k}": v for k, v in state.items()})
+    if any(k.startswith("backbone.") for k in state):  # a multi-head checkpoint's backbone, for a single head
+        candidates.append({k.removeprefix("backbone."): v for k, v in state.items()})
+    matched = max(({k: v for k, v in c.items() if k in own and own[k].shape == v.shape} for c in candidates), key=len)
     weights = [k for k, v in own.items() if v.dtype.is_floating_point and not k.endswith("num_batches_tracked")]
     if len(matched) < len(weights) // 2:
         raise UserError(

@@ -8,9 +8,8 @@ SM_CHANNEL_TRAIN=/data/train/images python train.py --resize 256 192 --batch_siz
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import io
+import math
 import sys
 import time
 from argparse import Namespace
@@ -21,30 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import augmentation as augmentation_module
 import cache as cache_module
 import dataset as dataset_module
 import demo
+import engine
 import loss as loss_module
 import model as model_module
+import report
 import utils
 from utils import UserError
-
-SCHEDULERS = ("none", "step", "cosine")
 
 
 def dataset_classes() -> dict[str, type]:
     return utils.module_classes(dataset_module, lambda c: hasattr(c, "split_dataset"))
-
-
-def optimizer_names() -> list[str]:
-    return sorted(
-        n
-        for n, c in vars(torch.optim).items()
-        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
-    )
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -147,24 +137,69 @@ def get_parser() -> argparse.ArgumentParser:
         help="start from timm's published weights (downloads them; needs a network)",
     )
     net.add_argument("--pretrained_path", default=None, help="start from weights in this local file (head replaced)")
+    net.add_argument(
+        "--backbone",
+        default=None,
+        help="for --model MultiHeadModel: BaseModel or any timm architecture under the mask/gender/age heads",
+    )
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--epochs", type=int, default=12, help="passes over the training split")
-    opt.add_argument("--batch_size", type=int, default=64, help="training images per step")
+    opt.add_argument("--batch_size", type=int, default=64, help="training images per step (per process)")
     opt.add_argument("--valid_batch_size", type=int, default=256, help="images per validation batch")
     opt.add_argument("--optimizer", default="AdamW", help="class name in torch.optim")
     opt.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     opt.add_argument("--weight_decay", type=float, default=1e-2, help="weight decay (L2 for SGD, decoupled for AdamW)")
+    opt.add_argument(
+        "--decay_norm_bias",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also decay biases and normalization weights (off: they get no weight decay)",
+    )
     opt.add_argument("--momentum", type=float, default=0.9, help="momentum, for optimizers that take one")
     opt.add_argument(
         "--scheduler",
-        choices=SCHEDULERS,
+        choices=engine.SCHEDULERS,
         default="cosine",
-        help="lr schedule per epoch: constant, x gamma every lr_decay_step epochs, or cosine to 0",
+        help="lr schedule, stepped per iteration: constant, x gamma every lr_decay_step epochs, cosine to 0, "
+        "cosine restarting every lr_decay_step epochs, one-cycle, or x gamma after 2 epochs without a better F1",
     )
-    opt.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr drops (step scheduler)")
-    opt.add_argument("--gamma", type=float, default=0.5, help="lr factor at each drop (step scheduler)")
-    opt.add_argument("--criterion", default="cross_entropy", help=f"loss: {', '.join(loss_module.criterion_names())}")
+    opt.add_argument("--warmup_epochs", type=float, default=0.0, help="linear lr warmup from 0, in epochs")
+    opt.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr drops (step) or restarts")
+    opt.add_argument("--gamma", type=float, default=0.5, help="lr factor at each drop (step, plateau)")
+    opt.add_argument(
+        "--criterion",
+        default="cross_entropy",
+        help=f"loss: {', '.join(loss_module.criterion_names())} (per task for a multi-head model)",
+    )
+    opt.add_argument(
+        "--class_weights",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="weight the loss by inverse class frequency of the training split",
+    )
+    opt.add_argument(
+        "--task_weights",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("MASK", "GENDER", "AGE"),
+        help="multi-head model: weights of the three task losses (default 1 1 1)",
+    )
+    opt.add_argument(
+        "--ema", type=float, default=0.0, metavar="DECAY", help="validate and keep an EMA of the weights (0: off)"
+    )
+    opt.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    opt.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (0: off)")
+    opt.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)")
+    opt.add_argument(
+        "--cutmix_mode",
+        choices=("box", "vertical"),
+        default="box",
+        help="cutmix patch: a random box, or everything right of a random column (suits portrait faces)",
+    )
+    opt.add_argument("--mix_prob", type=float, default=1.0, help="share of batches mixed when mixup/cutmix is on")
     opt.add_argument(
         "--patience",
         type=int,
@@ -187,6 +222,29 @@ def get_parser() -> argparse.ArgumentParser:
         help="where run directories are created [$SM_MODEL_DIR]",
     )
     run.add_argument("--name", default="exp", help="run directory name; exp, exp2, ... never overwritten")
+    run.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="continue a run in its directory from last.pth (or the given checkpoint); flags given here override "
+        "its config",
+    )
+    run.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="mixed precision (fp16: CUDA only)")
+    run.add_argument(
+        "--channels_last", action=argparse.BooleanOptionalAction, default=False, help="NHWC memory layout (GPUs)"
+    )
+    run.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model (falls back to eager with a warning where unsupported)",
+    )
+    run.add_argument(
+        "--gpu_aug",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="flip, scale/shift, color jitter and normalization on the device, batch-wise, after the cache",
+    )
     return p
 
 
@@ -194,13 +252,25 @@ def check_args(args: Namespace) -> None:
     """Reject impossible flags and unknown names before any data is read."""
     if not 0 < args.val_ratio < 1:
         raise UserError(f"--val_ratio {args.val_ratio} must be between 0 and 1 (e.g. 0.2)")
-    for flag in ("epochs", "batch_size", "valid_batch_size", "lr_decay_step", "prefetch_factor"):
+    for flag in ("epochs", "batch_size", "valid_batch_size", "lr_decay_step", "prefetch_factor", "grad_accum"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
     if min(args.resize) < 8:
         raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: height and width must be at least 8 pixels")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} must be positive")
+    if not 0 <= args.ema < 1:
+        raise UserError(f"--ema {args.ema} must be a decay in [0, 1), e.g. 0.999 (0: off)")
+    for flag in ("mixup", "cutmix", "clip_grad", "warmup_epochs"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be 0 (off) or more")
+    if args.warmup_epochs >= args.epochs and args.scheduler != "none":
+        raise UserError(f"--warmup_epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
+    if (args.mixup or args.cutmix) and not loss_module.accepts_soft_targets(args.criterion):
+        raise UserError(
+            f"--criterion {args.criterion} cannot learn from the soft targets of --mixup/--cutmix: use "
+            f"{', '.join(n for n in loss_module.criterion_names() if loss_module.accepts_soft_targets(n))}"
+        )
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
     if not args.age_bounds[0] < args.age_bounds[1]:
@@ -212,10 +282,15 @@ def check_args(args: Namespace) -> None:
         value = getattr(args, flag[2:])
         if value not in classes:
             raise UserError(utils.unknown_name_message(flag, value, classes))
-    if args.optimizer not in optimizer_names():
-        raise UserError(utils.unknown_name_message("--optimizer", args.optimizer, optimizer_names()))
+    if args.optimizer not in engine.optimizer_names():
+        raise UserError(utils.unknown_name_message("--optimizer", args.optimizer, engine.optimizer_names()))
     model_module.check_model_name(args.model)
+    if args.backbone:
+        model_module.check_backbone_name(args.backbone)
     loss_module.check_criterion_name(args.criterion)
+    if args.class_weights and not loss_module.accepts_class_weights(args.criterion):
+        valid = [n for n in loss_module.criterion_names() if loss_module.accepts_class_weights(n)]
+        raise UserError(f"--class_weights: --criterion {args.criterion} takes no class weights; use {', '.join(valid)}")
     if args.pretrained_path and not Path(args.pretrained_path).is_file():
         raise UserError(
             f"--pretrained_path {args.pretrained_path} does not exist: give the path of a local weights file"
@@ -254,31 +329,21 @@ def prepare_images(
     return bad, cache
 
 
-def build_optimizer(args: Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
-    cls = getattr(torch.optim, args.optimizer)
-    kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, "momentum": args.momentum}
-    return cls(model.parameters(), **utils.filter_kwargs(cls, kwargs))
-
-
-def build_scheduler(args: Namespace, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    if args.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_step, gamma=args.gamma)
-    if args.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    if args.scheduler == "none":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    raise UserError(f"--scheduler {args.scheduler} is unknown: choose one of {', '.join(SCHEDULERS)}")
-
-
 def make_loader(
-    subset: torch.utils.data.Dataset, batch_size: int, train: bool, args: Namespace, device: torch.device
+    subset: torch.utils.data.Dataset,
+    batch_size: int,
+    args: Namespace,
+    device: torch.device,
+    sampler: engine.EpochSampler | None = None,
 ) -> DataLoader:
+    """A training loader (with `sampler`: the order is a function of seed and epoch, see EpochSampler) or a
+    validation loader (in order, every image once)."""
     return DataLoader(
         subset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=sampler,
         # A last training batch of one image breaks BatchNorm; validation always sees every image.
-        drop_last=train and len(subset) % batch_size == 1,
+        drop_last=sampler is not None and len(sampler) % batch_size == 1,
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda" if args.pin_memory is None else args.pin_memory,
         persistent_workers=args.num_workers > 0 and args.persistent_workers,
@@ -288,34 +353,48 @@ def make_loader(
     )
 
 
-def denormalize(images: torch.Tensor, mean: tuple, std: tuple) -> np.ndarray:
-    """Normalized NCHW tensors -> NHWC uint8 arrays for display."""
-    x = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    return (x.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+SCHEDULE_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "scheduler", "warmup_epochs")
 
 
-def log_line(row: dict[str, Any], epochs: int) -> str:
-    return (
-        f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%} "
-        f"f1 {row['train_f1']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2%} "
-        f"f1 {row['val_f1']:.4f} | lr {row['lr']:.2e} | {row['time_s']:.1f}s{' | best' if row['best'] else ''}"
-    )
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """The flags written on the command line (not defaulted), by destination name."""
+    parser = get_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
-def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rewrite log.csv atomically with every epoch so far."""
+def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, dict[str, Any]]:
+    """For --resume: (the run's flags overridden by those given now, its directory, the checkpoint)."""
+    target = Path(args.resume)
+    path = target / "last.pth" if target.is_dir() else target
+    if not path.is_file():
+        raise UserError(f"--resume {args.resume}: no checkpoint at {path}; give a run directory with last.pth")
+    checkpoint = utils.load_checkpoint(path)
+    if "rng" not in checkpoint:
+        raise UserError(f"--resume {path} holds no training state (only weights): resume from a run's last.pth")
+    config = checkpoint["config"]
+    given = given_flags(argv) - {"resume"}
+    merged = {k: config[k] for k in vars(args) if k in config}
+    merged.update({k: getattr(args, k) for k in given})
+    merged["resume"] = str(path)
+    for flag in SCHEDULE_FLAGS:
+        if flag in given and getattr(args, flag) != config.get(flag):
+            print(
+                f"warning: --{flag} {getattr(args, flag)} differs from the run's {config.get(flag)}: the schedule "
+                "(and so the result) will differ from an uninterrupted run",
+                file=sys.stderr,
+            )
+    return Namespace(**{**vars(args), **merged}), Path(config["run_dir"]), checkpoint
 
-    def write(f: io.TextIOBase) -> None:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
-    utils.atomic_write(path, write)
-
-
-def main(args: Namespace) -> Path:
+def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
+    checkpoint = None
+    if args.resume:
+        args, run_dir, checkpoint = resume_args(args, sys.argv[1:] if argv is None else argv)
     check_args(args)
     device = utils.select_device(args.device)
+    engine.check_amp(args.amp, device)
     data_dir = demo.resolve_train_dir(args.data_dir)
     utils.seed_everything(args.seed)
 
@@ -336,42 +415,92 @@ def main(args: Namespace) -> Path:
     bad_images, cache = prepare_images(data, aug.load_size, args)
 
     train_idx, val_idx = data.split_dataset()
-    train_set = dataset_module.ImageSubset(data, train_idx, aug.train_transform, aug.load_size, cache)
+    train_transform, batch_transform = aug.train_transform, None
+    if args.gpu_aug:  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
+        train_transform = augmentation_module.to_uint8_tensor
+        batch_transform = augmentation_module.BatchAugment(args.resize, mean, std, aug.crop_fraction)
+    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache)
     val_set = dataset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size, cache)
-    train_loader = make_loader(train_set, args.batch_size, True, args, device)
-    val_loader = make_loader(val_set, args.valid_batch_size, False, args, device)
+    sampler = engine.EpochSampler(len(train_set), args.seed)
+    train_loader = make_loader(train_set, args.batch_size, args, device, sampler)
+    val_loader = make_loader(val_set, args.valid_batch_size, args, device)
     print(
         f"Data: {data_dir} | {len(data)} images, {len(train_set)} train / {len(val_set)} val "
         f"({type(data).__name__}) | device {device}"
     )
 
-    model = model_module.build_model(args.model, num_classes, args.pretrained, args.pretrained_path).to(device)
-    if device.type == "cuda" and torch.cuda.device_count() > 1 and args.data_parallel:
-        model = torch.nn.DataParallel(model)
+    model = model_module.build_model(
+        args.model, num_classes, args.pretrained, args.pretrained_path, backbone=args.backbone
+    ).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = engine.make_ema(model, args.ema) if args.ema else None
     class_counts = np.bincount(train_set.targets, minlength=num_classes).tolist()
-    criterion = loss_module.create_criterion(args.criterion, num_classes=num_classes, class_counts=class_counts)
+    criterion = loss_module.create_criterion(
+        args.criterion,
+        num_classes=num_classes,
+        class_counts=class_counts,
+        class_weights=args.class_weights,
+        tasks=model_module.task_sizes(model),
+        task_weights=args.task_weights,
+    )
     criterion = criterion.to(device)
-    optimizer = build_optimizer(args, model)
-    scheduler = build_scheduler(args, optimizer)
-
-    run_dir = utils.increment_path(Path(args.model_dir) / args.name)
-    config = {
-        **vars(args),
-        "data_dir": str(data_dir),
-        "num_classes": num_classes,
-        "class_names": data.class_names,
-        "mean": list(mean),
-        "std": list(std),
-        "resize": list(args.resize),
-        "load_size": list(aug.load_size),
-        "train_images": len(train_set),
-        "val_images": len(val_set),
-        "run_dir": str(run_dir),
-        "skipped_images": sorted(bad_images),
-        "versions": utils.library_versions(),
-        "git_commit": utils.git_commit(),
-        "command": " ".join(sys.argv),
-    }
+    optimizer = engine.build_optimizer(
+        model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.decay_norm_bias
+    )
+    steps_per_epoch = len(train_loader)
+    schedule = engine.Schedule(
+        optimizer,
+        args.scheduler,
+        args.epochs,
+        math.ceil(steps_per_epoch / args.grad_accum),
+        args.warmup_epochs,
+        args.lr_decay_step,
+        args.gamma,
+    )
+    scaler = engine.make_scaler(args.amp, device)
+    stopper = utils.EarlyStopping(args.patience)
+    rows: list[dict[str, Any]] = []
+    best_f1, best_epoch, first_epoch, progress = -1.0, 0, 1, None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
+        stopper.load_state_dict(checkpoint["stopper"])
+        rows, best_f1, best_epoch = checkpoint["rows"], checkpoint["best_score"], checkpoint["best_epoch"]
+        progress = checkpoint["progress"]
+        first_epoch = progress["epoch"] if progress else checkpoint["epoch"] + 1
+        engine.set_rng_state(checkpoint["rng"])
+        config = checkpoint["config"]
+        resumed = {"from_epoch": checkpoint["epoch"], "command": " ".join(sys.argv)}
+        config["resumed"] = [*config.get("resumed", []), resumed]
+        steps = f" and {progress['step']} steps of epoch {progress['epoch']}" if progress else ""
+        print(f"Resuming {run_dir} after epoch {checkpoint['epoch']}{steps}")
+    else:
+        run_dir = utils.increment_path(Path(args.model_dir) / args.name)
+        config = {
+            **vars(args),
+            "data_dir": str(data_dir),
+            "num_classes": num_classes,
+            "class_names": data.class_names,
+            "mean": list(mean),
+            "std": list(std),
+            "resize": list(args.resize),
+            "load_size": list(aug.load_size),
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+            "run_dir": str(run_dir),
+            "skipped_images": sorted(bad_images),
+            "versions": utils.library_versions(),
+            "git_commit": utils.git_commit(),
+            "command": " ".join(sys.argv),
+        }
+    train_model = engine.maybe_compile(model, args, device)
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and args.data_parallel:
+        train_model = torch.nn.DataParallel(train_model)
     utils.save_json(config, run_dir / "config.json")
     if bad_images:
         rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
@@ -381,78 +510,115 @@ def main(args: Namespace) -> Path:
     writer = SummaryWriter(str(run_dir))
     print(f"Run directory: {run_dir}")
 
-    stopper = utils.EarlyStopping(args.patience)
-    rows: list[dict[str, Any]] = []
-    best_f1, best_epoch = -1.0, 0
-    show = min(16, len(val_set))
     val_targets = torch.as_tensor(val_set.targets)
-    for epoch in range(1, args.epochs + 1):
-        start = time.time()
-        model.train()
-        train_loss, train_preds, train_targets = 0.0, [], []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty())
-        for images, targets in bar:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            outputs = model(images)
-            loss = criterion(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            train_loss += loss.item() * len(targets)
-            train_preds.append(outputs.argmax(1).cpu())
-            train_targets.append(targets.cpu())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        train_preds, train_targets = torch.cat(train_preds).numpy(), torch.cat(train_targets).numpy()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+    to_logits = functools.partial(model_module.to_class_logits, model=model)
 
-        logits = utils.predict(model, val_loader, device, progress="validation")
-        val_loss = criterion(logits.to(device), val_targets.to(device)).item()
-        val_preds = logits.argmax(1).numpy()
-        val_f1 = utils.macro_f1(val_set.targets, val_preds, num_classes)
-        is_best = val_f1 > best_f1
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss / len(train_targets),
-            "train_acc": float((train_preds == train_targets).mean()),
-            "train_f1": utils.macro_f1(train_targets, train_preds, num_classes),
-            "val_loss": val_loss,
-            "val_acc": float((val_preds == val_set.targets).mean()),
-            "val_f1": val_f1,
-            "lr": lr,
-            "time_s": time.time() - start,
-            "best": is_best,
-        }
-        rows.append(row)
-        print(log_line(row, args.epochs), flush=True)
-        write_log(run_dir / "log.csv", rows)
-        for key in ("loss", "acc", "f1"):
-            writer.add_scalar(f"Train/{key}", row[f"train_{key}"], epoch)
-            writer.add_scalar(f"Val/{key}", row[f"val_{key}"], epoch)
-        writer.add_scalar("Train/lr", lr, epoch)
-        images = denormalize(torch.stack([val_set[i][0] for i in range(show)]), mean, std)
-        titles = [
-            f"truth {data.label_text(val_set.targets[i])}\npred {data.label_text(val_preds[i])}" for i in range(show)
-        ]
-        colors = ["green" if val_preds[i] == val_set.targets[i] else "red" for i in range(show)]
-        writer.add_figure("Val/predictions", utils.image_grid(images, titles, colors=colors), epoch)
-
-        state = {
-            "model": model,
+    def state(epoch: int, progress: dict[str, Any] | None, weights: torch.nn.Module) -> dict[str, Any]:
+        return {
+            "model": weights,
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": None,
+            "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "epoch": epoch,
-            "best_score": max(best_f1, val_f1),
+            "progress": progress,
+            "best_score": best_f1,
+            "best_epoch": best_epoch,
+            "stopper": stopper.state_dict(),
+            "rows": rows,
+            "rng": engine.rng_state(),
             "config": config,
         }
-        if is_best:
-            best_f1, best_epoch = val_f1, epoch
-            utils.save_checkpoint(run_dir / "best.pth", **state)
-        utils.save_checkpoint(run_dir / "last.pth", **state)
-        if stopper.step(val_f1):
-            print(f"Early stopping: no better validation macro F1 for {args.patience} epochs")
-            break
+
+    with engine.StopRequest() as stop:
+        for epoch in range(first_epoch, args.epochs + 1):
+            start = time.time()
+            if progress is None:
+                progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
+            sampler.set_epoch(epoch, start=progress["step"] * args.batch_size)
+            progress["steps"] = progress["step"] + len(train_loader)
+            finished = engine.train_one_epoch(
+                train_model,
+                train_loader,
+                criterion,
+                optimizer,
+                schedule,
+                device,
+                args,
+                num_classes,
+                progress,
+                scaler,
+                ema,
+                batch_transform,
+                stop,
+                to_logits,
+            )
+            progress["time_s"] += time.time() - start
+            if not finished:
+                utils.save_checkpoint(run_dir / "last.pth", **state(epoch - 1, progress, model))
+                writer.close()
+                print(
+                    f"Stopped by {stop.signal} in epoch {epoch} after step {progress['step']}; saved "
+                    f"{run_dir / 'last.pth'}. Continue with: python train.py --resume {run_dir}"
+                )
+                return run_dir
+            train_preds, train_targets = torch.cat(progress["preds"]).numpy(), torch.cat(progress["targets"]).numpy()
+            train_loss, train_time = progress["loss_sum"] / len(train_targets), progress["time_s"]
+            progress = None
+
+            start = time.time()
+            with engine.autocast(args.amp, device):
+                outputs = utils.predict(train_model, val_loader, device, progress="validation")
+            val_loss = criterion(outputs.to(device), val_targets.to(device)).item()
+            val_preds = to_logits(outputs).argmax(1).numpy()
+            val_f1 = utils.macro_f1(val_set.targets, val_preds, num_classes)
+            score, best_weights = val_f1, model
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_acc": float((train_preds == train_targets).mean()),
+                "train_f1": utils.macro_f1(train_targets, train_preds, num_classes),
+                "val_loss": val_loss,
+                "val_acc": float((val_preds == val_set.targets).mean()),
+                "val_f1": val_f1,
+            }
+            if ema is not None:
+                with engine.autocast(args.amp, device):
+                    ema_outputs = utils.predict(ema.module, val_loader, device, progress="validation (EMA)")
+                ema_preds = to_logits(ema_outputs).argmax(1).numpy()
+                row["ema_val_f1"] = utils.macro_f1(val_set.targets, ema_preds, num_classes)
+                if row["ema_val_f1"] > val_f1:
+                    score, best_weights, val_preds = row["ema_val_f1"], ema.module, ema_preds
+            is_best = score > best_f1
+            row.update({"lr": schedule.lr, "time_s": train_time + time.time() - start, "best": is_best})
+            rows.append(row)
+            print(report.log_line(row, args.epochs), flush=True)
+            schedule.step_epoch(score)
+            report.write_log(run_dir / "log.csv", rows)
+            report.log_epoch(
+                writer,
+                row,
+                val_set.targets,
+                val_preds,
+                data.class_names,
+                lambda: torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))]),
+                mean,
+                std,
+            )
+
+            if is_best:
+                best_f1, best_epoch = score, epoch
+                utils.save_checkpoint(run_dir / "best.pth", **{**state(epoch, None, best_weights), "rng": None})
+                per_class = report.class_report(val_set.targets, val_preds, data.class_names)
+                utils.atomic_write(run_dir / "best_report.csv", functools.partial(per_class.to_csv, index=False))
+            stopping = stopper.step(score)
+            utils.save_checkpoint(run_dir / "last.pth", **state(epoch, None, model))
+            if stopping:
+                print(f"Early stopping: no better validation macro F1 for {args.patience} epochs")
+                break
+            if stop:
+                print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume {run_dir}")
+                break
     writer.close()
     print(f"Best validation macro F1 {best_f1:.4f} at epoch {best_epoch}; saved in {run_dir}")
     print(f"Next: python inference.py --model_dir {run_dir}")

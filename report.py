@@ -1,0 +1,125 @@
+"""What a run reports as it trains: the per-epoch line, log.csv, TensorBoard scalars and figures, and the
+per-class report saved with best.pth.
+
+    python train.py                          # prints one line per epoch and writes model/exp/log.csv
+    tensorboard --logdir model               # Train/*, Val/* scalars, per-class F1, confusion matrix, predictions
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import utils
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalized NCHW tensors -> NHWC uint8 arrays for display."""
+    x = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    return (x.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def log_line(row: dict[str, Any], epochs: int) -> str:
+    """The one line printed per epoch, with every metric of `row` and the elapsed time."""
+    ema = f" ema f1 {row['ema_val_f1']:.4f}" if "ema_val_f1" in row else ""
+    return (
+        f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%} "
+        f"f1 {row['train_f1']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2%} "
+        f"f1 {row['val_f1']:.4f}{ema} | lr {row['lr']:.2e} | {row['time_s']:.1f}s{' | best' if row['best'] else ''}"
+    )
+
+
+def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite log.csv atomically with every epoch so far."""
+
+    def write(f: io.TextIOBase) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    utils.atomic_write(path, write)
+
+
+def class_report(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support of every class (0 where undefined, as sklearn's zero_division=0)."""
+    cm = utils.confusion_matrix(targets, preds, len(class_names)).astype(np.float64)
+    tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = utils.f1_per_class(targets, preds, len(class_names))
+    return pd.DataFrame(
+        {"class": list(class_names), "precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
+    )
+
+
+def confusion_figure(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> Any:
+    """A matplotlib heat map of the confusion matrix, rows normalized to recall, counts written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    cm = utils.confusion_matrix(targets, preds, k)
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    fig.tight_layout()
+    return fig
+
+
+def log_epoch(
+    writer: Any,
+    row: dict[str, Any],
+    val_targets: np.ndarray,
+    val_preds: np.ndarray,
+    class_names: Sequence[str],
+    sample_images: Callable[[], torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> None:
+    """TensorBoard for one epoch: every numeric metric of `row`, per-class F1, the confusion matrix, and a grid of
+    the first validation images titled with truth and prediction (`sample_images()` returns them, normalized)."""
+    epoch = row["epoch"]
+    for key, value in row.items():
+        if key in ("epoch", "best") or not isinstance(value, (int, float)):
+            continue
+        if key.startswith(("train_", "val_")):
+            split, _, name = key.partition("_")
+            writer.add_scalar(f"{split.capitalize()}/{name}", value, epoch)
+        elif key.startswith("ema_val_"):
+            writer.add_scalar(f"Val/ema_{key[len('ema_val_') :]}", value, epoch)
+        else:
+            writer.add_scalar(f"Train/{key}", value, epoch)
+    # One tag per class (not add_scalars, which writes a run folder per class that TensorBoard lists as runs).
+    for name, value in zip(class_names, utils.f1_per_class(val_targets, val_preds, len(class_names)), strict=True):
+        writer.add_scalar(f"Val_f1_per_class/{name}", float(value), epoch)
+    writer.add_figure("Val/confusion_matrix", confusion_figure(val_targets, val_preds, class_names), epoch)
+    images = sample_images()
+    titles = [f"truth {class_names[val_targets[i]]}\npred {class_names[val_preds[i]]}" for i in range(len(images))]
+    colors = ["green" if val_preds[i] == val_targets[i] else "red" for i in range(len(images))]
+    writer.add_figure("Val/predictions", utils.image_grid(denormalize(images, mean, std), titles, colors=colors), epoch)
