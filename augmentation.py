@@ -190,6 +190,49 @@ class BatchAugment:
         return (x - self.mean.to(device)) / self.std.to(device)
 
 
+def cutmix_box(height: int, width: int, lam: float, mode: str) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the patch pasted from the other image; its area is about 1 - lam.
+
+    `vertical` cuts at a random column: the left part from one face, the right from another, so each part
+    keeps its eyes and mask region (a box would often paste someone's mouth over a mask)."""
+    if mode == "vertical":
+        left = round(width * lam)
+        return 0, height, left, width
+    cut_h, cut_w = round(height * math.sqrt(1 - lam)), round(width * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return top, bottom, left, right
+
+
+def mix_batch(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    cutmix_mode: str = "box",
+    prob: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (alpha `mixup`) or cutmix (alpha `cutmix`; one of the two at random when both are set) on a batch
+    with probability `prob`. Returns the images and soft targets (N, num_classes) that sum to 1 per row."""
+    soft = F.one_hot(targets, num_classes).to(torch.float32)
+    if (mixup <= 0 and cutmix <= 0) or float(torch.rand(())) >= prob:
+        return images, soft
+    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand(())) < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(np.clip(torch.distributions.Beta(alpha, alpha).sample(), 0.0, 1.0))
+    perm = torch.randperm(len(images)).to(images.device)
+    if use_cutmix:
+        top, bottom, left, right = cutmix_box(images.shape[-2], images.shape[-1], lam, cutmix_mode)
+        images = images.clone()
+        images[..., top:bottom, left:right] = images[perm][..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
+    else:
+        images = lam * images + (1 - lam) * images[perm]
+    return images, lam * soft + (1 - lam) * soft[perm]
+
+
 def augmentation_classes() -> dict[str, type]:
     """The presets defined here, by name."""
     return utils.module_classes(sys.modules[__name__], lambda c: c.__name__.endswith("Augmentation"))

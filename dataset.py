@@ -1,11 +1,14 @@
-"""Datasets, splits, label rules, image decoding and mean/std statistics.
+"""Datasets, splits (holdout and k-fold) and the mask competition's label rules.
 
 python -c "import dataset; print(len(dataset.MaskSplitByProfileDataset('data/demo/train/images')))"
+python -c "import dataset; d = dataset.ImageFolderDataset('data/flowers'); print(d.class_names, d.fold_ids(5))"
+python -c "import dataset; print(dataset.CSVDataset('data/labels.csv', label_column='species').class_names)"
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -15,13 +18,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 import utils
+from imaging import compute_mean_std as compute_mean_std  # re-exported: callers use dataset.compute_mean_std
+from imaging import decode_fixed, load_image
+from splits import SPLITS as SPLITS  # re-exported: train.py's --split choices
+from splits import check_split_args as check_split_args
+from splits import fold_split, kfold_ids, rarest_class_strata, stratified_group_split
 from utils import UserError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# What counts as an image file, by extension in any case (the formats PIL reads that datasets ship in).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 # Mean/std of the competition's training images, as the seed baseline used them (RGB, 0..1 scale).
 SEED_MEAN, SEED_STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)
@@ -80,84 +89,6 @@ def parse_profile(name: str) -> tuple[str, int, str, int]:
 def is_hidden(path: Path) -> bool:
     """Hidden files and macOS resource forks (`._x.jpg`) are never images."""
     return path.name.startswith(".")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Decoding.
-def load_image(path: str | os.PathLike, min_size: Sequence[int] | None = None) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied.
-
-    With `min_size` (H, W), a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at least
-    that large (PIL draft mode): several times faster, and the resize that follows gives the same picture.
-    """
-    try:
-        return _decode(path, min_size)
-    except _DECODE_ERRORS as e:
-        raise utils.UnreadableImageError(path, str(e) or type(e).__name__) from None
-
-
-def decode_fixed(path: str | os.PathLike, size: Sequence[int]) -> np.ndarray:
-    """`load_image` at exactly `size` (H, W), as an HxWx3 uint8 array: what the caches store and what the
-    datasets read when there is no cache, so both give the transforms the same pixels."""
-    image = load_image(path, size)
-    if image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
-    return np.asarray(image)
-
-
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def _decode(path: str | os.PathLike, min_size: Sequence[int] | None) -> Image.Image:
-    with Image.open(path) as image:
-        if min_size is not None and image.format == "JPEG":
-            h, w = int(min_size[0]), int(min_size[1])
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
-                h, w = w, h
-            image.draft(image.mode if image.mode == "CMYK" else "RGB", (w, h))
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # Transparent areas become white, not whatever colour the hidden pixels happen to hold.
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image.convert("RGBA"))
-        return image.convert("RGB")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Splits.
-def stratified_group_split(
-    groups: Sequence[Any], strata: Sequence[Any], val_ratio: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val) of items such that every group lies on one side.
-
-    Exactly round(val_ratio * number of groups) groups go to validation (at least one, never all), shared
-    out over the strata (one stratum per group, e.g. the person's gender x age class) in proportion to their
-    size by largest remainder. Deterministic for a seed; every item appears exactly once.
-    """
-    groups = np.asarray(groups)
-    uniq, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    group_strata = np.asarray(strata)[first]
-    n_groups = len(uniq)
-    if n_groups < 2:
-        raise UserError(f"a split needs at least 2 persons/groups, found {n_groups}: add data or lower --val_ratio")
-    n_val = min(max(1, round(val_ratio * n_groups)), n_groups - 1)
-
-    rng = np.random.default_rng(seed)
-    levels, counts = np.unique(group_strata, return_counts=True)
-    quota = counts * n_val / n_groups
-    take = np.floor(quota).astype(int)
-    # Largest remainders get the leftover places; ties broken at random so no stratum is always favoured.
-    order = np.lexsort((rng.random(len(levels)), -(quota - take)))
-    take[order[: n_val - take.sum()]] += 1
-
-    val_groups = []
-    for level, k in zip(levels, take, strict=True):
-        members = np.flatnonzero(group_strata == level)
-        val_groups.extend(rng.permutation(members)[:k])
-    is_val = np.zeros(n_groups, dtype=bool)
-    is_val[val_groups] = True
-    item_is_val = is_val[inverse]
-    return np.flatnonzero(~item_is_val), np.flatnonzero(item_is_val)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,11 +192,13 @@ def _check_train_csv(path: Path, images: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Datasets.
+# Datasets. Every class indexes its data in `setup()` and offers the same holdout and k-fold splits.
 class MaskBaseDataset(Dataset):
-    """Mask-competition images split by image: a person's photos land on both sides (leaky validation)."""
+    """Mask-competition images; the holdout splits by image, so a person's photos land on both sides (leaky)."""
 
     num_classes = 18
+    # With split "auto", the holdout is by image as in the seed baseline (kept to compare against); k-fold never is.
+    image_level_holdout = True
 
     def __init__(
         self,
@@ -273,10 +206,13 @@ class MaskBaseDataset(Dataset):
         val_ratio: float = 0.2,
         seed: int = 42,
         age_bounds: Sequence[int] = DEFAULT_AGE_BOUNDS,
+        split: str = "auto",
     ) -> None:
+        check_split_args(split)
         self.data_dir = Path(data_dir)
         self.val_ratio = val_ratio
         self.seed = seed
+        self.split = split
         self.age_bounds = tuple(age_bounds)
         self.class_names = mask_class_names(self.age_bounds)
         # Per-instance lists: two datasets never share state.
@@ -319,6 +255,7 @@ class MaskBaseDataset(Dataset):
 
     def remove(self, paths: Collection[str]) -> None:
         """Drop the images at `paths` (e.g. unreadable ones) from every per-image list."""
+        paths = {str(p) for p in paths}
         keep = [i for i, p in enumerate(self.image_paths) if str(p) not in paths]
         if not keep:
             raise UserError(f"no readable image is left in {self.data_dir}")
@@ -326,9 +263,33 @@ class MaskBaseDataset(Dataset):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
 
-    def split_dataset(self) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (train, val): a seeded random split of images, stratified by class."""
-        return stratified_group_split(np.arange(len(self)), self.labels, self.val_ratio, self.seed)
+    def split_arrays(self, kfold: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+        """(group, stratum) of every image and the groups' name, as `self.split` and the holdout or k-fold ask.
+
+        Grouped splits keep a person's photos together; "both" stratifies persons by gender x age band, which
+        also balances the 18 classes because every person has the same seven mask shots.
+        """
+        split = self.split
+        if split == "auto":
+            split = "stratified" if self.image_level_holdout and not kfold else "both"
+        if split == "stratified":
+            return np.arange(len(self)), self.labels, "images"
+        bands = np.asarray([age_band(a, self.age_bounds) for a in self.ages], dtype=np.int64)
+        strata = np.asarray(self.gender_labels) * 3 + bands if split == "both" else np.zeros_like(bands)
+        return np.asarray(self.groups), strata, "persons"
+
+    def fold_ids(self, n_splits: int) -> np.ndarray:
+        """Fold (0..n_splits-1) of every image: a stratified group k-fold (see `kfold_ids` and `split_arrays`)."""
+        groups, strata, noun = self.split_arrays(kfold=True)
+        return kfold_ids(groups, strata, n_splits, self.seed, noun)
+
+    def split_dataset(self, fold: int | None = None, n_splits: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (train, val): the `val_ratio` holdout, or with `fold` that fold of `fold_ids(n_splits)`."""
+        check_split_args(self.split, fold, n_splits)
+        if fold is not None:
+            return fold_split(self.fold_ids(n_splits), fold)
+        groups, strata, _ = self.split_arrays()
+        return stratified_group_split(groups, strata, self.val_ratio, self.seed)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -340,11 +301,216 @@ class MaskBaseDataset(Dataset):
 class MaskSplitByProfileDataset(MaskBaseDataset):
     """Mask-competition images split by person, stratified by gender x age (honest validation; the default)."""
 
-    def split_dataset(self) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (train, val): all photos of a person on one side, persons stratified by gender x age band."""
-        bands = np.asarray([age_band(a, self.age_bounds) for a in self.ages])
-        strata = np.asarray(self.gender_labels) * 3 + bands
-        return stratified_group_split(self.groups, strata, self.val_ratio, self.seed)
+    image_level_holdout = False
+
+
+class ImageFolderDataset(Dataset):
+    """Any image set in `data_dir/<class>/<image>` folders; `group_pattern` reads a group id from file names."""
+
+    group_flag = "--group_pattern"  # what gives images their groups, for messages
+    layout_hint = "pass the folder of class folders as --data_dir"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        val_ratio: float = 0.2,
+        seed: int = 42,
+        split: str = "auto",
+        group_pattern: str | None = None,
+    ) -> None:
+        check_split_args(split)
+        self.data_dir = Path(data_dir)
+        self.val_ratio = val_ratio
+        self.seed = seed
+        self.split = split
+        self.group_pattern = group_pattern or None
+        self.class_names: list[str] = []
+        self.image_paths: list[Path] = []
+        self.labels = np.zeros(0, dtype=np.int64)  # class id of each image: its index in class_names
+        self.groups: list[str] = []  # group of each image; its own path when no groups are known
+        self.has_groups = False
+        self.setup()
+        self.num_classes = len(self.class_names)
+        if self.num_classes < 2:
+            raise UserError(
+                f"{self.data_dir} holds one class only ({self.class_names[0]}): a classifier needs two or more; "
+                f"{self.layout_hint}"
+            )
+        if split in ("grouped", "both") and not self.has_groups:
+            raise UserError(f"--split {split} needs a group per image: pass {self.group_flag}")
+
+    def setup(self) -> None:
+        """Index the class folders (recursively, hidden files skipped); warn about non-images and empty classes."""
+        root = self.data_dir
+        if not root.is_dir():
+            raise UserError(f"data directory {root} does not exist: pass --data_dir (a folder of class folders)")
+        others, empty = [], []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p)):
+            files = sorted(
+                p
+                for p in folder.rglob("*")
+                if p.is_file() and not any(s[0] == "." for s in p.relative_to(folder).parts)
+            )
+            images = [p for p in files if p.suffix.lower() in IMG_EXTENSIONS]
+            others += [str(p) for p in files if p.suffix.lower() not in IMG_EXTENSIONS]
+            if not images:
+                empty.append(folder.name)
+                continue
+            self.image_paths += images
+            self.labels = np.append(self.labels, np.full(len(images), len(self.class_names)))
+            self.class_names.append(folder.name)
+        if not self.image_paths:
+            raise UserError(
+                f"no images found in {root}: expected {root}/<class>/<image> ({', '.join(IMG_EXTENSIONS)}); "
+                "pass the folder that holds the class folders as --data_dir"
+            )
+        if empty:
+            print(f"warning: folder(s) with no image are not classes: {utils.listing(empty)}", file=sys.stderr)
+        if others:
+            print(f"warning: {len(others)} non-image file(s) ignored: {utils.listing(others)}", file=sys.stderr)
+        self.groups = self.read_groups() if self.group_pattern else [str(p) for p in self.image_paths]
+        self.has_groups = self.group_pattern is not None
+
+    def read_groups(self) -> list[str]:
+        """The group id of every image: the first (...) group of `group_pattern` in its file name, else the match."""
+        try:
+            pattern = re.compile(self.group_pattern)
+        except re.error as e:
+            raise UserError(f"--group_pattern '{self.group_pattern}' is not a valid regular expression ({e})") from None
+        matches = [pattern.search(p.name) for p in self.image_paths]
+        unmatched = [p.name for p, m in zip(self.image_paths, matches, strict=True) if m is None]
+        if unmatched:
+            raise UserError(
+                f"--group_pattern '{self.group_pattern}' does not match {len(unmatched)} file name(s): "
+                f"{utils.listing(unmatched, 10)}; fix the pattern (its first (...) group is the group id)"
+            )
+        return [m.group(1) if pattern.groups else m.group(0) for m in matches]
+
+    label_text = MaskBaseDataset.label_text
+
+    def remove(self, paths: Collection[str]) -> None:
+        """Drop the images at `paths` (e.g. unreadable ones) from every per-image list."""
+        paths = {str(p) for p in paths}
+        keep = [i for i, p in enumerate(self.image_paths) if str(p) not in paths]
+        if not keep:
+            raise UserError(f"no readable image is left in {self.data_dir}")
+        self.image_paths = [self.image_paths[i] for i in keep]
+        self.groups = [self.groups[i] for i in keep]
+        self.labels = self.labels[keep]
+
+    def split_arrays(self, kfold: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+        """(group, stratum) of every image and the groups' name, as `self.split` asks.
+
+        "stratified" treats every image as a group stratified by class; "grouped" keeps groups whole, unstratified;
+        "both" stratifies by class too: the k-fold balances every class's images over the folds, the holdout (one
+        stratum per group) takes each group's rarest class.
+        """
+        split = self.split
+        if split == "auto":
+            split = "both" if self.has_groups else "stratified"
+        if split == "stratified":
+            return np.arange(len(self)), self.labels, "images"
+        groups = np.asarray(self.groups)
+        if split == "grouped":
+            return groups, np.zeros(len(self), dtype=np.int64), f"groups ({self.group_flag})"
+        strata = self.labels if kfold else rarest_class_strata(groups, self.labels)
+        return groups, strata, f"groups ({self.group_flag})"
+
+    # The mask datasets' code, not a copy: it reads only split_arrays(), seed, val_ratio, labels and image_paths.
+    fold_ids = MaskBaseDataset.fold_ids
+    split_dataset = MaskBaseDataset.split_dataset
+    __len__ = MaskBaseDataset.__len__
+    __getitem__ = MaskBaseDataset.__getitem__
+
+
+class CSVDataset(ImageFolderDataset):
+    """Images listed in a CSV with a label column (and optionally a group column); paths relative to `image_root`."""
+
+    group_flag = "--group_column"
+    layout_hint = "check --label_column"
+    IMAGE_COLUMNS = ("path", "image", "file", "filename")  # tried in order when `image_column` is not given
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        val_ratio: float = 0.2,
+        seed: int = 42,
+        split: str = "auto",
+        image_column: str | None = None,
+        label_column: str = "label",
+        group_column: str | None = None,
+        image_root: str | os.PathLike | None = None,
+    ) -> None:
+        self.image_column = image_column or None
+        self.label_column = label_column
+        self.group_column = group_column or None
+        self.image_root = Path(image_root) if image_root else None  # default: the CSV's folder
+        super().__init__(data_dir, val_ratio, seed, split)
+
+    def setup(self) -> None:
+        """Read the CSV (`data_dir`, or the only CSV in that folder); stop on missing columns or images."""
+        path = find_csv(self.data_dir)
+        try:
+            # All text, nothing read as NaN: labels and groups are names, "NA" and "007" included.
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            raise UserError(f"{path} is not a readable CSV ({e}): pass the labels CSV as --data_dir") from None
+        columns = ", ".join(table.columns)
+        image_column = self.image_column or next((c for c in self.IMAGE_COLUMNS if c in table.columns), None)
+        if image_column is None:
+            raise UserError(
+                f"{path} has none of the columns {', '.join(self.IMAGE_COLUMNS)}: pass --image_column "
+                f"(columns: {columns})"
+            )
+        for column, flag in (
+            (image_column, "--image_column"),
+            (self.label_column, "--label_column"),
+            (self.group_column, "--group_column"),
+        ):
+            if column is not None and column not in table.columns:
+                raise UserError(f"{path} has no column '{column}' ({flag}); its columns: {columns}")
+        if table.empty:
+            raise UserError(f"no images found: {path} has no rows")
+        root = self.image_root or path.parent
+        if not root.is_dir():
+            raise UserError(f"--image_root {root} does not exist: pass the folder the CSV's paths are relative to")
+        self.image_paths = [root / p for p in table[image_column]]
+        missing = [p for p, full in zip(table[image_column], self.image_paths, strict=True) if not full.is_file()]
+        if missing:
+            raise UserError(
+                f"{len(missing)} image(s) listed in {path} are not files under {root}: {utils.listing(missing, 10)}; "
+                "fix the paths or pass --image_root (the folder they are relative to)"
+            )
+        values = table[self.label_column].str.strip()
+        if (values == "").any():
+            rows = [str(i + 2) for i in np.flatnonzero(values == "")]  # line numbers, the header being line 1
+            raise UserError(f"{path} has no label ('{self.label_column}') on line(s) {utils.listing(rows, 10)}")
+        self.class_names = class_order(values.unique())
+        self.labels = values.map({name: i for i, name in enumerate(self.class_names)}).to_numpy(np.int64)
+        # A row with no group value is its own group rather than one big group of all such rows.
+        groups = table[self.group_column] if self.group_column else pd.Series([""] * len(table))
+        self.groups = [g or str(p) for g, p in zip(groups, self.image_paths, strict=True)]
+        self.has_groups = self.group_column is not None
+
+
+def find_csv(path: Path) -> Path:
+    """`path` if it is a file, else the only CSV in folder `path` (a SageMaker channel is a folder)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"CSV file {path} does not exist: pass the labels CSV as --data_dir")
+    found = sorted(p for p in path.glob("*.csv") if not is_hidden(p))
+    if len(found) != 1:
+        names = utils.listing([p.name for p in found]) or "none"
+        raise UserError(f"{path} is a folder with {len(found)} CSV files ({names}): pass the labels CSV as --data_dir")
+    return found[0]
+
+
+def class_order(values: Sequence[str]) -> list[str]:
+    """Class names sorted: as numbers when every label is a whole number (so 2 comes before 10), else as text."""
+    if all(re.fullmatch(r"[+-]?\d+", v) for v in values):
+        return sorted(values, key=lambda v: (int(v), v))
+    return sorted(values)
 
 
 class ImageSubset(Dataset):
@@ -352,7 +518,7 @@ class ImageSubset(Dataset):
 
     def __init__(
         self,
-        dataset: MaskBaseDataset,
+        dataset: Dataset,  # any dataset class above: reads its `labels` and `image_paths`
         indices: Sequence[int],
         transform: Callable,
         size: Sequence[int],
@@ -411,25 +577,3 @@ class TestDataset(Dataset):
         else:
             image = Image.fromarray(decode_fixed(self.image_paths[index], self.size))
         return (self.transform(image) if self.transform else image), index
-
-
-def compute_mean_std(
-    paths: Sequence[str | os.PathLike], min_size: Sequence[int] | None, max_images: int = 256, seed: int = 0
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (0..1 scale) over all pixels of a random sample of images.
-
-    The std is that of the pooled pixels, sqrt(E[x^2] - E[x]^2), not an average of per-image stds.
-    """
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(paths), size=min(max_images, len(paths)), replace=False)
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
-    for i in chosen:
-        pixels = np.asarray(load_image(paths[i], min_size), dtype=np.float64).reshape(-1, 3) / 255.0
-        total += pixels.sum(0)
-        total_sq += (pixels**2).sum(0)
-        count += len(pixels)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)

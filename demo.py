@@ -171,10 +171,13 @@ def ensure_demo_data(root: str | os.PathLike = DEMO_DIR) -> Path:
 DEFAULT_TRAIN_DIR = "/opt/ml/input/data/train/images"  # the competition server's layout
 
 
-def resolve_train_dir(data_dir: str | None) -> Path:
+def resolve_train_dir(data_dir: str | None, files_ok: bool = False) -> Path:
     """The configured training folder (flag or $SM_CHANNEL_TRAIN), else the competition server's, else the demo
-    data (generated once). train.py and eda.ipynb both find their data here."""
+    data (generated once). train.py and eda.ipynb both find their data here. `files_ok`: a file (a CSV of
+    labels) is a valid answer too."""
     if data_dir:
+        if files_ok and Path(data_dir).is_file():
+            return Path(data_dir)
         if not Path(data_dir).is_dir():
             problem = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
             raise UserError(f"--data_dir {data_dir} {problem}: pass the folder of person folders (train/images)")

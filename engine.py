@@ -11,25 +11,34 @@ Every piece is a function or a small class that train.py composes; tests call th
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import signal
 import sys
+import time
+from argparse import Namespace
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import augmentation
+import dataset as dataset_module
+import loss as loss_module
+import model as model_module
+import report
+import schedule as schedule_module
 import utils
 from utils import UserError
 
-SCHEDULERS = ("none", "step", "cosine", "cosine_restarts", "onecycle", "plateau")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -55,181 +64,6 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
 def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
     """A GradScaler, active only for fp16 (bf16 has fp32's range and needs no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-def optimizer_names() -> list[str]:
-    return sorted(
-        n
-        for n, c in vars(torch.optim).items()
-        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
-    )
-
-
-def build_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float, decay_norm_bias: bool = False
-) -> torch.optim.Optimizer:
-    """torch.optim.`name` over the model's parameters. Without `decay_norm_bias`, biases and normalization
-    weights (every parameter with fewer than 2 dimensions) get no weight decay: shrinking them only hurts."""
-    cls = getattr(torch.optim, name)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if decay_norm_bias or weight_decay == 0:
-        groups: list[dict[str, Any]] = [{"params": params}]
-    else:
-        groups = [
-            {"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-    kwargs = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
-    return cls(groups, **utils.filter_kwargs(cls, kwargs))
-
-
-def lr_factor(
-    name: str, step: int, total: int, steps_per_epoch: int, warmup: int, decay_epochs: int, gamma: float
-) -> float:
-    """The lr multiplier after `step` optimizer steps (of `total`): linear warmup over `warmup` steps, then
-    the schedule `name` (none, step, cosine, cosine_restarts). Closed forms, so resume is exact."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if name == "none":
-        return 1.0
-    if name == "step":
-        return gamma ** (step // (decay_epochs * steps_per_epoch))
-    if name == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if name == "cosine_restarts":  # SGDR: cosine to 0 every `decay_epochs` epochs, then back to the peak
-        period = decay_epochs * steps_per_epoch
-        return 0.5 * (1 + math.cos(math.pi * ((step - warmup) % period) / period))
-    raise UserError(f"--scheduler {name} is unknown: choose one of {', '.join(SCHEDULERS)}")
-
-
-class Schedule:
-    """The learning rate of every step: warmup, then a per-step schedule; `plateau` cuts the lr by `gamma` after
-    `patience` epochs without a better validation macro F1 (stepped per epoch)."""
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        name: str,
-        epochs: int,
-        steps_per_epoch: int,
-        warmup_epochs: float = 0.0,
-        decay_epochs: int = 20,
-        gamma: float = 0.5,
-        patience: int = 2,
-    ) -> None:
-        self.optimizer, self.name = optimizer, name
-        self.steps_per_epoch = steps_per_epoch
-        self.total = epochs * steps_per_epoch
-        self.warmup = min(self.total, round(warmup_epochs * steps_per_epoch))
-        self.decay_epochs, self.gamma = decay_epochs, gamma
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.step_count = 0
-        self.plateau = None
-        self.onecycle = None
-        if name == "onecycle":  # its own rise: the warmup epochs, or 30% of training without them
-            pct = self.warmup / self.total if self.warmup else 0.3
-            self.onecycle = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.base_lrs, total_steps=self.total, pct_start=min(max(pct, 1e-3), 0.999)
-            )
-        elif name == "plateau":
-            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=gamma, patience=patience
-            )
-        if self.onecycle is None:
-            self._apply()
-
-    def _apply(self) -> None:
-        if self.plateau is not None:  # warmup only; afterwards ReduceLROnPlateau owns the lr
-            if self.step_count <= self.warmup and self.warmup:
-                for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                    group["lr"] = base * min(1.0, (self.step_count + 1) / self.warmup)
-            return
-        factor = lr_factor(
-            self.name, self.step_count, self.total, self.steps_per_epoch, self.warmup, self.decay_epochs, self.gamma
-        )
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
-
-    def step_batch(self) -> None:
-        """After each optimizer step."""
-        self.step_count += 1
-        if self.onecycle is not None:
-            if self.step_count < self.total:
-                self.onecycle.step()
-        else:
-            self._apply()
-
-    def step_epoch(self, score: float) -> None:
-        """After each validation, with its macro F1."""
-        if self.plateau is not None and self.step_count >= self.warmup:
-            self.plateau.step(score)
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def state_dict(self) -> dict[str, Any]:
-        inner = self.onecycle or self.plateau
-        return {"step_count": self.step_count, "inner": inner.state_dict() if inner is not None else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = state["step_count"]
-        inner = self.onecycle or self.plateau
-        if inner is not None:
-            inner.load_state_dict(state["inner"])
-
-
-# ---------------------------------------------------------------------------------------------------
-# EMA, mixup / cutmix
-def make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """torch's AveragedModel as an exponential moving average of the weights (and BatchNorm buffers)."""
-    return AveragedModel(utils.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def cutmix_box(height: int, width: int, lam: float, mode: str) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the patch pasted from the other image; its area is about 1 - lam.
-
-    `vertical` cuts at a random column: the left part from one face, the right from another, so each part
-    keeps its eyes and mask region (a box would often paste someone's mouth over a mask)."""
-    if mode == "vertical":
-        left = round(width * lam)
-        return 0, height, left, width
-    cut_h, cut_w = round(height * math.sqrt(1 - lam)), round(width * math.sqrt(1 - lam))
-    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
-    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-    return top, bottom, left, right
-
-
-def mix_batch(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    num_classes: int,
-    mixup: float = 0.0,
-    cutmix: float = 0.0,
-    cutmix_mode: str = "box",
-    prob: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup (alpha `mixup`) or cutmix (alpha `cutmix`; one of the two at random when both are set) on a batch
-    with probability `prob`. Returns the images and soft targets (N, num_classes) that sum to 1 per row."""
-    soft = F.one_hot(targets, num_classes).to(torch.float32)
-    if (mixup <= 0 and cutmix <= 0) or float(torch.rand(())) >= prob:
-        return images, soft
-    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand(())) < 0.5)
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(np.clip(torch.distributions.Beta(alpha, alpha).sample(), 0.0, 1.0))
-    perm = torch.randperm(len(images)).to(images.device)
-    if use_cutmix:
-        top, bottom, left, right = cutmix_box(images.shape[-2], images.shape[-1], lam, cutmix_mode)
-        images = images.clone()
-        images[..., top:bottom, left:right] = images[perm][..., top:bottom, left:right]
-        lam = 1 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
-    else:
-        images = lam * images + (1 - lam) * images[perm]
-    return images, lam * soft + (1 - lam) * soft[perm]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,7 +187,7 @@ def train_one_epoch(
     loader: torch.utils.data.DataLoader,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
+    schedule: schedule_module.Schedule,
     device: torch.device,
     args: Any,
     num_classes: int,
@@ -379,7 +213,9 @@ def train_one_epoch(
             images = batch_transform(images)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        mixed, soft = mix_batch(images, targets, num_classes, args.mixup, args.cutmix, args.cutmix_mode, args.mix_prob)
+        mixed, soft = augmentation.mix_batch(
+            images, targets, num_classes, args.mixup, args.cutmix, args.cutmix_mode, args.mix_prob
+        )
         mixing = args.mixup > 0 or args.cutmix > 0
         with autocast(args.amp, device):
             outputs = model(mixed)
@@ -405,6 +241,256 @@ def train_one_epoch(
         progress["preds"].append(to_class_logits(outputs.detach().float()).argmax(1).cpu())
         progress["targets"].append(targets.cpu())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if stop and progress["step"] % accum == 0:
+        if progress["step"] % accum == 0 and utils.any_rank(bool(stop)):  # all ranks stop at the same step
             return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loaders and the loop over epochs
+def make_loader(
+    subset: torch.utils.data.Dataset,
+    batch_size: int,
+    args: Namespace,
+    device: torch.device,
+    sampler: EpochSampler | None = None,
+) -> DataLoader:
+    """A training loader (with `sampler`: the order is a function of seed and epoch, see EpochSampler) or a
+    validation loader (in order, every image once)."""
+    return DataLoader(
+        subset,
+        batch_size=batch_size,
+        sampler=sampler,
+        # A last training batch of one image breaks BatchNorm; validation always sees every image.
+        drop_last=sampler is not None and len(sampler) % batch_size == 1,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda" if args.pin_memory is None else args.pin_memory,
+        persistent_workers=args.num_workers > 0 and args.persistent_workers,
+        prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None,
+        worker_init_fn=utils.seed_worker,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def fit(
+    args: Namespace,
+    data: Any,
+    aug: Any,
+    cache: Any,
+    fold: int | None,
+    run_dir: Path,
+    config: dict[str, Any],
+    checkpoint: dict[str, Any] | None,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Train one split (the holdout or one fold) into `run_dir`. Returns the validation indices and the class
+    probabilities of the best epoch (for out-of-fold predictions), or None when a signal stopped training."""
+    num_classes, main_rank = data.num_classes, rank == 0
+    train_idx, val_idx = data.split_dataset() if fold is None else data.split_dataset(fold=fold, n_splits=args.n_splits)
+    train_transform, batch_transform = aug.train_transform, None
+    if args.gpu_aug:  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
+        train_transform = augmentation.to_uint8_tensor
+        batch_transform = augmentation.BatchAugment(args.resize, config["mean"], config["std"], aug.crop_fraction)
+    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache)
+    val_set = dataset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size, cache)
+    class_counts = np.bincount(train_set.targets, minlength=num_classes)
+    # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
+    weights = 1.0 / class_counts[train_set.targets] if args.sampler == "weighted" else None
+    sampler = EpochSampler(len(train_set), args.seed, weights, rank, world)
+    train_loader = make_loader(train_set, args.batch_size, args, device, sampler)
+    # Each rank validates every world-th image; gathered back in order, every image counts exactly once.
+    val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    val_loader = make_loader(val_part, args.valid_batch_size, args, device)
+    print(
+        f"Data: {config['data_dir']} | {len(data)} images, {len(train_set)} train / {len(val_set)} val "
+        f"({type(data).__name__}) | device {device}{f' x {world} processes' if world > 1 else ''}"
+    )
+
+    model = model_module.build_model(
+        args.model, num_classes, args.pretrained, args.pretrained_path, backbone=args.backbone
+    )
+    if world > 1 and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = schedule_module.make_ema(model, args.ema) if args.ema else None
+    criterion = loss_module.create_criterion(
+        args.criterion,
+        num_classes=num_classes,
+        class_counts=class_counts.tolist(),
+        class_weights=args.class_weights,
+        tasks=model_module.task_sizes(model),
+        task_weights=args.task_weights,
+    ).to(device)
+    optimizer = schedule_module.build_optimizer(
+        model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.decay_norm_bias
+    )
+    steps = math.ceil(len(train_loader) / args.grad_accum)
+    schedule = schedule_module.Schedule(
+        optimizer, args.scheduler, args.epochs, steps, args.warmup_epochs, args.lr_decay_step, args.gamma
+    )
+    scaler = make_scaler(args.amp, device)
+    stopper = utils.EarlyStopping(args.patience)
+    rows: list[dict[str, Any]] = []
+    best_f1, best_epoch, first_epoch, progress, best_probs = -1.0, 0, 1, None, None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
+        stopper.load_state_dict(checkpoint["stopper"])
+        rows, best_f1, best_epoch = checkpoint["rows"], checkpoint["best_score"], checkpoint["best_epoch"]
+        progress = checkpoint["progress"]
+        first_epoch = progress["epoch"] if progress else checkpoint["epoch"] + 1
+        set_rng_state(checkpoint["rng"])
+        config["resumed"] = [
+            *config.get("resumed", []),
+            {"from_epoch": checkpoint["epoch"], "command": " ".join(sys.argv)},
+        ]
+        steps_done = f" and {progress['step']} steps of epoch {progress['epoch']}" if progress else ""
+        print(f"Resuming {run_dir} after epoch {checkpoint['epoch']}{steps_done}")
+    train_model = maybe_compile(model, args, device)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    elif device.type == "cuda" and torch.cuda.device_count() > 1 and args.data_parallel:
+        train_model = torch.nn.DataParallel(train_model)
+    config.update(train_images=len(train_set), val_images=len(val_set))
+    writer = None
+    if main_rank:
+        utils.save_json(config, run_dir / "config.json")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir))
+    print(f"Run directory: {run_dir}")
+
+    val_targets = torch.as_tensor(val_set.targets)
+    to_logits = functools.partial(model_module.to_class_logits, model=model)
+
+    def validate(net: torch.nn.Module, name: str) -> torch.Tensor:
+        with autocast(args.amp, device):
+            part = utils.predict(net, val_loader, device, progress=name)
+        outputs = torch.empty(len(val_set), *part.shape[1:])
+        for r, p in enumerate(utils.gather_objects(part)):
+            outputs[r::world] = p
+        return outputs
+
+    def state(epoch: int, progress: dict[str, Any] | None, weights: torch.nn.Module) -> dict[str, Any]:
+        return {
+            "model": weights,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "epoch": epoch,
+            "progress": progress,
+            "best_score": best_f1,
+            "best_epoch": best_epoch,
+            "stopper": stopper.state_dict(),
+            "rows": rows,
+            "rng": rng_state(),
+            "config": config,
+        }
+
+    with StopRequest() as stop:
+        for epoch in range(first_epoch, args.epochs + 1):
+            start = time.time()
+            if progress is None:
+                progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
+            sampler.set_epoch(epoch, start=progress["step"] * args.batch_size)
+            progress["steps"] = progress["step"] + len(train_loader)
+            finished = train_one_epoch(
+                train_model,
+                train_loader,
+                criterion,
+                optimizer,
+                schedule,
+                device,
+                args,
+                num_classes,
+                progress,
+                scaler,
+                ema,
+                batch_transform,
+                stop,
+                to_logits,
+            )
+            progress["time_s"] += time.time() - start
+            if not finished:
+                if main_rank:
+                    utils.save_checkpoint(run_dir / "last.pth", **state(epoch - 1, progress, model))
+                    writer.close()
+                print(
+                    f"Stopped by {stop.signal or 'a signal'} in epoch {epoch} after step {progress['step']}; saved "
+                    f"{run_dir / 'last.pth'}. Continue with: python train.py --resume {run_dir}"
+                )
+                return None
+            gathered = utils.gather_objects((progress["loss_sum"], progress["preds"], progress["targets"]))
+            train_preds = torch.cat([t for _, p, _ in gathered for t in p]).numpy()
+            train_targets = torch.cat([t for _, _, g in gathered for t in g]).numpy()
+            train_loss, train_time = sum(g[0] for g in gathered) / len(train_targets), progress["time_s"]
+            progress = None
+
+            start = time.time()
+            outputs = validate(train_model, "validation")
+            val_loss = criterion(outputs.to(device), val_targets.to(device)).item()
+            probs = torch.softmax(to_logits(outputs), 1)
+            val_preds = probs.argmax(1).numpy()
+            val_f1 = utils.macro_f1(val_set.targets, val_preds, num_classes)
+            score, best_weights = val_f1, model
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_acc": float((train_preds == train_targets).mean()),
+                "train_f1": utils.macro_f1(train_targets, train_preds, num_classes),
+                "val_loss": val_loss,
+                "val_acc": float((val_preds == val_set.targets).mean()),
+                "val_f1": val_f1,
+            }
+            if ema is not None:
+                ema_probs = torch.softmax(to_logits(validate(ema.module, "validation (EMA)")), 1)
+                row["ema_val_f1"] = utils.macro_f1(val_set.targets, ema_probs.argmax(1).numpy(), num_classes)
+                if row["ema_val_f1"] > val_f1:
+                    score, best_weights, probs = row["ema_val_f1"], ema.module, ema_probs
+                    val_preds = probs.argmax(1).numpy()
+            is_best = score > best_f1
+            row.update({"lr": schedule.lr, "time_s": train_time + time.time() - start, "best": is_best})
+            rows.append(row)
+            print(report.log_line(row, args.epochs), flush=True)
+            schedule.step_epoch(score)
+            if is_best:
+                best_f1, best_epoch, best_probs = score, epoch, probs.numpy()
+            stopping = stopper.step(score)
+            if main_rank:
+                report.write_log(run_dir / "log.csv", rows)
+                report.log_epoch(
+                    writer,
+                    row,
+                    val_set.targets,
+                    val_preds,
+                    data.class_names,
+                    lambda: torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))]),
+                    config["mean"],
+                    config["std"],
+                )
+                if is_best:
+                    utils.save_checkpoint(run_dir / "best.pth", **{**state(epoch, None, best_weights), "rng": None})
+                    report.write_best_reports(run_dir, data, val_idx, val_set.targets, probs.numpy())
+                utils.save_checkpoint(run_dir / "last.pth", **state(epoch, None, model))
+            if stopping:
+                print(f"Early stopping: no better validation macro F1 for {args.patience} epochs")
+                break
+            if utils.any_rank(bool(stop)):
+                print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume {run_dir}")
+                return None
+    if writer is not None:
+        writer.close()
+    print(f"Best validation macro F1 {best_f1:.4f} at epoch {best_epoch}; saved in {run_dir}")
+    print(f"Next: python inference.py --model_dir {run_dir}")
+    return {"val_idx": val_idx, "probs": best_probs, "best_f1": best_f1}

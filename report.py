@@ -123,3 +123,49 @@ def log_epoch(
     titles = [f"truth {class_names[val_targets[i]]}\npred {class_names[val_preds[i]]}" for i in range(len(images))]
     colors = ["green" if val_preds[i] == val_targets[i] else "red" for i in range(len(images))]
     writer.add_figure("Val/predictions", utils.image_grid(denormalize(images, mean, std), titles, colors=colors), epoch)
+
+
+def predictions_table(data: Any, indices: np.ndarray, targets: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """One row per image: path, group (the person), truth, prediction, probability of the truth, its loss, and
+    the probability of every class."""
+    indices = np.asarray(indices)
+    truth_prob = probs[np.arange(len(targets)), targets]
+    table = pd.DataFrame(
+        {
+            "path": [str(data.image_paths[i]) for i in indices],
+            "group": [str(data.groups[i]) for i in indices],
+            "truth": np.asarray(targets),
+            "pred": probs.argmax(1),
+            "prob_truth": truth_prob,
+            "loss": -np.log(np.clip(truth_prob, 1e-12, None)),
+        }
+    )
+    class_probs = pd.DataFrame(probs, columns=[f"prob_{name}" for name in data.class_names])
+    return pd.concat([table, class_probs], axis=1)
+
+
+def save_table(table: pd.DataFrame, path: Path) -> None:
+    utils.atomic_write(path, lambda f: table.to_csv(f, index=False))
+
+
+def write_best_reports(run_dir: Path, data: Any, indices: np.ndarray, targets: np.ndarray, probs: np.ndarray) -> None:
+    """With best.pth: the per-class report (best_report.csv) and every validation prediction (val_predictions.csv)."""
+    save_table(class_report(targets, probs.argmax(1), data.class_names), run_dir / "best_report.csv")
+    save_table(predictions_table(data, indices, targets, probs), run_dir / "val_predictions.csv")
+
+
+def write_oof(run_dir: Path, data: Any, folds: Sequence[dict[str, Any]]) -> float:
+    """oof.csv of a k-fold run: every image predicted once, by the best model of the fold that did not train on
+    it; prints and returns the out-of-fold macro F1."""
+    labels = np.asarray(data.labels)
+    parts = []
+    for fold, result in enumerate(folds):
+        idx = np.asarray(result["val_idx"])
+        parts.append(predictions_table(data, idx, labels[idx], result["probs"]).assign(fold=fold))
+    table = pd.concat(parts, ignore_index=True)
+    save_table(table, run_dir / "oof.csv")
+    f1 = utils.macro_f1(table["truth"].to_numpy(), table["pred"].to_numpy(), data.num_classes)
+    fold_f1 = ", ".join(f"{r['best_f1']:.4f}" for r in folds)
+    print(f"Out-of-fold macro F1 {f1:.4f} over {len(table)} images (folds: {fold_f1}); saved {run_dir / 'oof.csv'}")
+    print(f"Next: python inference.py --model_dir {run_dir}")
+    return f1

@@ -8,10 +8,10 @@ SM_CHANNEL_TRAIN=/data/train/images python train.py --resize 256 192 --batch_siz
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import math
+import os
 import sys
-import time
 from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import augmentation as augmentation_module
 import cache as cache_module
@@ -29,6 +28,7 @@ import engine
 import loss as loss_module
 import model as model_module
 import report
+import schedule
 import utils
 from utils import UserError
 
@@ -50,6 +50,39 @@ def get_parser() -> argparse.ArgumentParser:
         "--dataset",
         default="MaskSplitByProfileDataset",
         help=f"dataset class in dataset.py. {utils.describe(dataset_classes())}",
+    )
+    data.add_argument(
+        "--split",
+        choices=dataset_module.SPLITS,
+        default="auto",
+        help="how validation images are chosen: by class share, by group (a person, a source photo), or both; auto: "
+        "both when the data has groups",
+    )
+    data.add_argument(
+        "--group_pattern",
+        default=None,
+        help="ImageFolderDataset: regex whose first group, found in a file name, is the image's group (e.g. '^(.+?)_')",
+    )
+    data.add_argument(
+        "--image_column", default=None, help="CSVDataset: column of image paths (default: path/image/file)"
+    )
+    data.add_argument("--label_column", default="label", help="CSVDataset: column of labels")
+    data.add_argument("--group_column", default=None, help="CSVDataset: column of group ids for grouped splits")
+    data.add_argument(
+        "--image_root", default=None, help="CSVDataset: folder the image paths are relative to (default: the CSV's)"
+    )
+    data.add_argument("--n_splits", type=int, default=5, help="folds of the k-fold split (with --fold)")
+    data.add_argument(
+        "--fold",
+        default=None,
+        help="train fold i (0..n_splits-1) of a grouped, stratified k-fold, or 'all' folds into fold0/, fold1/, ... "
+        "with out-of-fold predictions in oof.csv (default: one holdout split of --val_ratio)",
+    )
+    data.add_argument(
+        "--sampler",
+        choices=("shuffle", "weighted"),
+        default="shuffle",
+        help="training order: each image once per epoch, or drawn by inverse class frequency (with replacement)",
     )
     data.add_argument(
         "--val_ratio", type=float, default=0.2, help="share of persons (or images) held out for validation"
@@ -159,7 +192,7 @@ def get_parser() -> argparse.ArgumentParser:
     opt.add_argument("--momentum", type=float, default=0.9, help="momentum, for optimizers that take one")
     opt.add_argument(
         "--scheduler",
-        choices=engine.SCHEDULERS,
+        choices=schedule.SCHEDULERS,
         default="cosine",
         help="lr schedule, stepped per iteration: constant, x gamma every lr_decay_step epochs, cosine to 0, "
         "cosine restarting every lr_decay_step epochs, one-cycle, or x gamma after 2 epochs without a better F1",
@@ -221,6 +254,12 @@ def get_parser() -> argparse.ArgumentParser:
         default=utils.env_value("SM_MODEL_DIR", "./model"),
         help="where run directories are created [$SM_MODEL_DIR]",
     )
+    run.add_argument(
+        "--sync_bn", action=argparse.BooleanOptionalAction, default=False, help="torchrun: synchronized BatchNorm"
+    )
+    run.add_argument(
+        "--dist_timeout", type=float, default=30.0, help="torchrun: minutes a process waits for the others"
+    )
     run.add_argument("--name", default="exp", help="run directory name; exp, exp2, ... never overwritten")
     run.add_argument(
         "--resume",
@@ -264,8 +303,8 @@ def check_args(args: Namespace) -> None:
     for flag in ("mixup", "cutmix", "clip_grad", "warmup_epochs"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} {getattr(args, flag)} must be 0 (off) or more")
-    if args.warmup_epochs >= args.epochs and args.scheduler != "none":
-        raise UserError(f"--warmup_epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
+    if args.warmup_epochs > args.epochs:
+        raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     if (args.mixup or args.cutmix) and not loss_module.accepts_soft_targets(args.criterion):
         raise UserError(
             f"--criterion {args.criterion} cannot learn from the soft targets of --mixup/--cutmix: use "
@@ -273,6 +312,11 @@ def check_args(args: Namespace) -> None:
         )
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
+    if args.fold is not None and args.fold != "all":
+        if not args.fold.isdigit():
+            raise UserError(f"--fold {args.fold} must be a fold number (0..{args.n_splits - 1}) or all")
+    fold = None if args.fold in (None, "all") else int(args.fold)
+    dataset_module.check_split_args(args.split, fold, args.n_splits)
     if not args.age_bounds[0] < args.age_bounds[1]:
         raise UserError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: the first must be below the second")
     for flag, classes in (
@@ -282,8 +326,8 @@ def check_args(args: Namespace) -> None:
         value = getattr(args, flag[2:])
         if value not in classes:
             raise UserError(utils.unknown_name_message(flag, value, classes))
-    if args.optimizer not in engine.optimizer_names():
-        raise UserError(utils.unknown_name_message("--optimizer", args.optimizer, engine.optimizer_names()))
+    if args.optimizer not in schedule.optimizer_names():
+        raise UserError(utils.unknown_name_message("--optimizer", args.optimizer, schedule.optimizer_names()))
     model_module.check_model_name(args.model)
     if args.backbone:
         model_module.check_backbone_name(args.backbone)
@@ -329,30 +373,6 @@ def prepare_images(
     return bad, cache
 
 
-def make_loader(
-    subset: torch.utils.data.Dataset,
-    batch_size: int,
-    args: Namespace,
-    device: torch.device,
-    sampler: engine.EpochSampler | None = None,
-) -> DataLoader:
-    """A training loader (with `sampler`: the order is a function of seed and epoch, see EpochSampler) or a
-    validation loader (in order, every image once)."""
-    return DataLoader(
-        subset,
-        batch_size=batch_size,
-        sampler=sampler,
-        # A last training batch of one image breaks BatchNorm; validation always sees every image.
-        drop_last=sampler is not None and len(sampler) % batch_size == 1,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda" if args.pin_memory is None else args.pin_memory,
-        persistent_workers=args.num_workers > 0 and args.persistent_workers,
-        prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None,
-        worker_init_fn=utils.seed_worker,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-
-
 SCHEDULE_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "scheduler", "warmup_epochs")
 
 
@@ -388,20 +408,36 @@ def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, 
     return Namespace(**{**vars(args), **merged}), Path(config["run_dir"]), checkpoint
 
 
+def fold_plan(args: Namespace) -> list[int | None]:
+    """The folds to train: [None] for the holdout split, [i] for --fold i, [0, ..., K-1] for --fold all."""
+    if args.fold is None:
+        return [None]
+    if args.fold == "all":
+        return list(range(args.n_splits))
+    return [int(args.fold)]
+
+
 def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
-    checkpoint = None
+    checkpoint, run_dir = None, None
     if args.resume:
         args, run_dir, checkpoint = resume_args(args, sys.argv[1:] if argv is None else argv)
     check_args(args)
-    device = utils.select_device(args.device)
-    engine.check_amp(args.amp, device)
-    data_dir = demo.resolve_train_dir(args.data_dir)
-    utils.seed_everything(args.seed)
+    rank, world, device = utils.init_distributed(args.device, args.dist_timeout)
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
+            return train(args, checkpoint, run_dir, rank, world, device)
+    finally:
+        utils.cleanup_distributed()
 
-    data = dataset_classes()[args.dataset](
-        data_dir=data_dir, val_ratio=args.val_ratio, seed=args.seed, age_bounds=args.age_bounds
-    )
-    num_classes = data.num_classes
+
+def train(
+    args: Namespace, checkpoint: dict | None, run_dir: Path | None, rank: int, world: int, device: torch.device
+) -> Path:
+    engine.check_amp(args.amp, device)
+    data_dir = demo.resolve_train_dir(args.data_dir, files_ok=args.dataset == "CSVDataset")
+    utils.seed_everything(args.seed)
+    data_cls = dataset_classes()[args.dataset]
+    data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
     aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
     if args.mean_std == "compute":
         load_size = aug_cls(resize=args.resize, mean=(0, 0, 0), std=(1, 1, 1)).load_size
@@ -413,215 +449,48 @@ def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
         mean, std = dataset_module.SEED_MEAN, dataset_module.SEED_STD
     aug = aug_cls(resize=args.resize, mean=mean, std=std)
     bad_images, cache = prepare_images(data, aug.load_size, args)
-
-    train_idx, val_idx = data.split_dataset()
-    train_transform, batch_transform = aug.train_transform, None
-    if args.gpu_aug:  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
-        train_transform = augmentation_module.to_uint8_tensor
-        batch_transform = augmentation_module.BatchAugment(args.resize, mean, std, aug.crop_fraction)
-    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache)
-    val_set = dataset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size, cache)
-    sampler = engine.EpochSampler(len(train_set), args.seed)
-    train_loader = make_loader(train_set, args.batch_size, args, device, sampler)
-    val_loader = make_loader(val_set, args.valid_batch_size, args, device)
-    print(
-        f"Data: {data_dir} | {len(data)} images, {len(train_set)} train / {len(val_set)} val "
-        f"({type(data).__name__}) | device {device}"
-    )
-
-    model = model_module.build_model(
-        args.model, num_classes, args.pretrained, args.pretrained_path, backbone=args.backbone
-    ).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = engine.make_ema(model, args.ema) if args.ema else None
-    class_counts = np.bincount(train_set.targets, minlength=num_classes).tolist()
-    criterion = loss_module.create_criterion(
-        args.criterion,
-        num_classes=num_classes,
-        class_counts=class_counts,
-        class_weights=args.class_weights,
-        tasks=model_module.task_sizes(model),
-        task_weights=args.task_weights,
-    )
-    criterion = criterion.to(device)
-    optimizer = engine.build_optimizer(
-        model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.decay_norm_bias
-    )
-    steps_per_epoch = len(train_loader)
-    schedule = engine.Schedule(
-        optimizer,
-        args.scheduler,
-        args.epochs,
-        math.ceil(steps_per_epoch / args.grad_accum),
-        args.warmup_epochs,
-        args.lr_decay_step,
-        args.gamma,
-    )
-    scaler = engine.make_scaler(args.amp, device)
-    stopper = utils.EarlyStopping(args.patience)
-    rows: list[dict[str, Any]] = []
-    best_f1, best_epoch, first_epoch, progress = -1.0, 0, 1, None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema"):
-            ema.load_state_dict(checkpoint["ema"])
-        stopper.load_state_dict(checkpoint["stopper"])
-        rows, best_f1, best_epoch = checkpoint["rows"], checkpoint["best_score"], checkpoint["best_epoch"]
-        progress = checkpoint["progress"]
-        first_epoch = progress["epoch"] if progress else checkpoint["epoch"] + 1
-        engine.set_rng_state(checkpoint["rng"])
-        config = checkpoint["config"]
-        resumed = {"from_epoch": checkpoint["epoch"], "command": " ".join(sys.argv)}
-        config["resumed"] = [*config.get("resumed", []), resumed]
-        steps = f" and {progress['step']} steps of epoch {progress['epoch']}" if progress else ""
-        print(f"Resuming {run_dir} after epoch {checkpoint['epoch']}{steps}")
-    else:
-        run_dir = utils.increment_path(Path(args.model_dir) / args.name)
-        config = {
-            **vars(args),
-            "data_dir": str(data_dir),
-            "num_classes": num_classes,
-            "class_names": data.class_names,
-            "mean": list(mean),
-            "std": list(std),
-            "resize": list(args.resize),
-            "load_size": list(aug.load_size),
-            "train_images": len(train_set),
-            "val_images": len(val_set),
-            "run_dir": str(run_dir),
-            "skipped_images": sorted(bad_images),
-            "versions": utils.library_versions(),
-            "git_commit": utils.git_commit(),
-            "command": " ".join(sys.argv),
-        }
-    train_model = engine.maybe_compile(model, args, device)
-    if device.type == "cuda" and torch.cuda.device_count() > 1 and args.data_parallel:
-        train_model = torch.nn.DataParallel(train_model)
-    utils.save_json(config, run_dir / "config.json")
-    if bad_images:
+    if run_dir is None:  # rank 0 names the run; every rank writes (only rank 0) into that one directory
+        run_dir = Path(
+            utils.broadcast_object(str(utils.increment_path(Path(args.model_dir) / args.name)) if rank == 0 else None)
+        )
+    config = {
+        **vars(args),
+        "data_dir": str(data_dir),
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "mean": list(mean),
+        "std": list(std),
+        "resize": list(args.resize),
+        "load_size": list(aug.load_size),
+        "world_size": world,
+        "global_batch_size": args.batch_size * world * args.grad_accum,
+        "run_dir": str(run_dir),
+        "skipped_images": sorted(bad_images),
+        "versions": utils.library_versions(),
+        "git_commit": utils.git_commit(),
+        "command": " ".join(sys.argv),
+    }
+    if rank == 0 and bad_images:
         rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
         utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir))
-    print(f"Run directory: {run_dir}")
-
-    val_targets = torch.as_tensor(val_set.targets)
-    to_logits = functools.partial(model_module.to_class_logits, model=model)
-
-    def state(epoch: int, progress: dict[str, Any] | None, weights: torch.nn.Module) -> dict[str, Any]:
-        return {
-            "model": weights,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch,
-            "progress": progress,
-            "best_score": best_f1,
-            "best_epoch": best_epoch,
-            "stopper": stopper.state_dict(),
-            "rows": rows,
-            "rng": engine.rng_state(),
-            "config": config,
-        }
-
-    with engine.StopRequest() as stop:
-        for epoch in range(first_epoch, args.epochs + 1):
-            start = time.time()
-            if progress is None:
-                progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
-            sampler.set_epoch(epoch, start=progress["step"] * args.batch_size)
-            progress["steps"] = progress["step"] + len(train_loader)
-            finished = engine.train_one_epoch(
-                train_model,
-                train_loader,
-                criterion,
-                optimizer,
-                schedule,
-                device,
-                args,
-                num_classes,
-                progress,
-                scaler,
-                ema,
-                batch_transform,
-                stop,
-                to_logits,
-            )
-            progress["time_s"] += time.time() - start
-            if not finished:
-                utils.save_checkpoint(run_dir / "last.pth", **state(epoch - 1, progress, model))
-                writer.close()
-                print(
-                    f"Stopped by {stop.signal} in epoch {epoch} after step {progress['step']}; saved "
-                    f"{run_dir / 'last.pth'}. Continue with: python train.py --resume {run_dir}"
-                )
-                return run_dir
-            train_preds, train_targets = torch.cat(progress["preds"]).numpy(), torch.cat(progress["targets"]).numpy()
-            train_loss, train_time = progress["loss_sum"] / len(train_targets), progress["time_s"]
-            progress = None
-
-            start = time.time()
-            with engine.autocast(args.amp, device):
-                outputs = utils.predict(train_model, val_loader, device, progress="validation")
-            val_loss = criterion(outputs.to(device), val_targets.to(device)).item()
-            val_preds = to_logits(outputs).argmax(1).numpy()
-            val_f1 = utils.macro_f1(val_set.targets, val_preds, num_classes)
-            score, best_weights = val_f1, model
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_acc": float((train_preds == train_targets).mean()),
-                "train_f1": utils.macro_f1(train_targets, train_preds, num_classes),
-                "val_loss": val_loss,
-                "val_acc": float((val_preds == val_set.targets).mean()),
-                "val_f1": val_f1,
-            }
-            if ema is not None:
-                with engine.autocast(args.amp, device):
-                    ema_outputs = utils.predict(ema.module, val_loader, device, progress="validation (EMA)")
-                ema_preds = to_logits(ema_outputs).argmax(1).numpy()
-                row["ema_val_f1"] = utils.macro_f1(val_set.targets, ema_preds, num_classes)
-                if row["ema_val_f1"] > val_f1:
-                    score, best_weights, val_preds = row["ema_val_f1"], ema.module, ema_preds
-            is_best = score > best_f1
-            row.update({"lr": schedule.lr, "time_s": train_time + time.time() - start, "best": is_best})
-            rows.append(row)
-            print(report.log_line(row, args.epochs), flush=True)
-            schedule.step_epoch(score)
-            report.write_log(run_dir / "log.csv", rows)
-            report.log_epoch(
-                writer,
-                row,
-                val_set.targets,
-                val_preds,
-                data.class_names,
-                lambda: torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))]),
-                mean,
-                std,
-            )
-
-            if is_best:
-                best_f1, best_epoch = score, epoch
-                utils.save_checkpoint(run_dir / "best.pth", **{**state(epoch, None, best_weights), "rng": None})
-                per_class = report.class_report(val_set.targets, val_preds, data.class_names)
-                utils.atomic_write(run_dir / "best_report.csv", functools.partial(per_class.to_csv, index=False))
-            stopping = stopper.step(score)
-            utils.save_checkpoint(run_dir / "last.pth", **state(epoch, None, model))
-            if stopping:
-                print(f"Early stopping: no better validation macro F1 for {args.patience} epochs")
-                break
-            if stop:
-                print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume {run_dir}")
-                break
-    writer.close()
-    print(f"Best validation macro F1 {best_f1:.4f} at epoch {best_epoch}; saved in {run_dir}")
-    print(f"Next: python inference.py --model_dir {run_dir}")
+    folds = fold_plan(args)
+    oof = []
+    for fold in folds:
+        fold_dir = run_dir / f"fold{fold}" if len(folds) > 1 else run_dir
+        if checkpoint is not None:
+            fold_dir = Path(checkpoint["config"]["run_dir"])
+        if len(folds) > 1:
+            fold_dir.mkdir(exist_ok=True)
+            print(f"Fold {fold} of {args.n_splits}: {fold_dir}")
+        fold_config = (
+            checkpoint["config"] if checkpoint is not None else {**config, "fold": fold, "run_dir": str(fold_dir)}
+        )
+        result = engine.fit(args, data, aug, cache, fold, fold_dir, fold_config, checkpoint, rank, world, device)
+        oof.append(result)
+        if result is None:  # stopped by a signal
+            return run_dir
+    if len(folds) > 1 and rank == 0:
+        report.write_oof(run_dir, data, oof)
     return run_dir
 
 

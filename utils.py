@@ -356,6 +356,83 @@ def predict(
     return torch.cat(outputs)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is one process.
+def distributed_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when launched by torchrun, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device_name: str, timeout_min: float = 30.0) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process: a process group (NCCL on GPUs, gloo on CPUs) with one device
+    per process under torchrun; (0, 1, the named device) otherwise. The timeout ends collective calls that a
+    failed rank would otherwise leave waiting forever."""
+    env = distributed_env()
+    if env is None:
+        return 0, 1, select_device(device_name)
+    rank, world, local_rank = env
+    import datetime
+
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} GPU(s) visible; lower --nproc_per_node"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_min),
+            **({"device_id": device} if use_cuda else {}),
+        )
+    return rank, world, device
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a no-op in one process)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """[value of rank 0, value of rank 1, ...] on every rank ([value] in one process)."""
+    if not is_distributed():
+        return [value]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any (so all ranks stop at the same step)."""
+    if not is_distributed():
+        return flag
+    backend_cuda = torch.distributed.get_backend() == "nccl"
+    t = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if backend_cuda else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        torch.distributed.destroy_process_group()
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default and the script's docstring (its example commands) kept as written."""
 

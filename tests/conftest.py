@@ -21,6 +21,26 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo.make_demo_data(tmp_path_factory.mktemp("data") / "demo", n_train=12, n_eval=2, seed=1)
 
 
+def write_folder_dataset(root: Path, n_per_class: int = 12) -> Path:
+    """Two classes told apart by color, a folder each; file names carry a group ('g03cat_1.png': group g03cat)."""
+    from PIL import Image
+
+    for label, color in (("cat", (220, 40, 40)), ("dog", (40, 40, 220))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.new("RGB", (40, 30), color).save(root / label / f"g{i // 2:02d}{label}_{i % 2}.png")
+    return root
+
+
+def write_label_csv(folder: Path, path: Path) -> Path:
+    """A CSV (file, species, scene) over the images of `write_folder_dataset(folder)`, paths relative to it."""
+    import pandas as pd
+
+    rows = [(str(p.relative_to(path.parent)), p.parent.name, p.name[:6]) for p in sorted(folder.glob("*/*.png"))]
+    pd.DataFrame(rows, columns=["file", "species", "scene"]).to_csv(path, index=False)
+    return path
+
+
 def tiny_run_args(demo_root: Path, *extra: str) -> list[str]:
     """train.py flags for a one-epoch run on the tiny demo data at 64x48."""
     return ["--data_dir", str(demo_root / "train/images"), "--epochs", "1", "--resize", "64", "48", *extra]

@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
+import augmentation
 import engine
+import schedule
 import train
 import utils
 from conftest import run_script, tiny_run_args
@@ -122,20 +124,20 @@ def test_ema_weights_differ_and_best_pth_holds_the_better_of_raw_and_ema(demo_ro
 def test_warmup_then_cosine_gives_the_expected_lr_sequence():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
-    schedule = engine.Schedule(optimizer, "cosine", epochs=4, steps_per_epoch=5, warmup_epochs=1)
+    sched = schedule.Schedule(optimizer, "cosine", epochs=4, steps_per_epoch=5, warmup_epochs=1)
     lrs = []
     for _ in range(20):
-        lrs.append(schedule.lr)
-        schedule.step_batch()
+        lrs.append(sched.lr)
+        sched.step_batch()
     expected = [(i + 1) / 5 for i in range(5)] + [0.5 * (1 + math.cos(math.pi * i / 15)) for i in range(15)]
     assert lrs == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("name", engine.SCHEDULERS)
+@pytest.mark.parametrize("name", schedule.SCHEDULERS)
 def test_every_schedule_runs_and_restores_from_its_state(name):
-    def make() -> engine.Schedule:
+    def make() -> schedule.Schedule:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        return engine.Schedule(optimizer, name, epochs=6, steps_per_epoch=4, warmup_epochs=1, decay_epochs=2)
+        return schedule.Schedule(optimizer, name, epochs=6, steps_per_epoch=4, warmup_epochs=1, decay_epochs=2)
 
     a, b = make(), make()
     lrs = []
@@ -161,7 +163,7 @@ def test_mixed_targets_sum_to_one_and_match_the_pasted_area(mixup, cutmix, mode)
     torch.manual_seed(0)
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 6).contiguous()
     targets = torch.tensor([0, 1, 2, 3])
-    mixed, soft = engine.mix_batch(images, targets, 5, mixup, cutmix, mode)
+    mixed, soft = augmentation.mix_batch(images, targets, 5, mixup, cutmix, mode)
     assert soft.shape == (4, 5) and torch.allclose(soft.sum(1), torch.ones(4))
     # Each image's own share of pixels (or blend weight) is its own target's probability.
     for i in range(4):
@@ -173,7 +175,7 @@ def test_mixed_targets_sum_to_one_and_match_the_pasted_area(mixup, cutmix, mode)
 
 
 def test_vertical_cutmix_pastes_everything_right_of_a_column():
-    top, bottom, left, right = engine.cutmix_box(512, 384, 0.25, "vertical")
+    top, bottom, left, right = augmentation.cutmix_box(512, 384, 0.25, "vertical")
     assert (top, bottom, left, right) == (0, 512, 96, 384)
 
 
@@ -185,7 +187,7 @@ def test_gradient_accumulation_equals_one_larger_batch():
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        schedule = engine.Schedule(optimizer, "none", epochs=1, steps_per_epoch=1)
+        sched = schedule.Schedule(optimizer, "none", epochs=1, steps_per_epoch=1)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
         args = Namespace(
             grad_accum=accum,
@@ -199,7 +201,7 @@ def test_gradient_accumulation_equals_one_larger_batch():
         )
         progress = {"epoch": 1, "step": 0, "steps": len(loader), "loss_sum": 0.0, "preds": [], "targets": []}
         engine.train_one_epoch(
-            model, loader, torch.nn.CrossEntropyLoss(), optimizer, schedule, torch.device("cpu"), args, 3, progress
+            model, loader, torch.nn.CrossEntropyLoss(), optimizer, sched, torch.device("cpu"), args, 3, progress
         )
         return model[1].weight.detach()
 
@@ -209,9 +211,9 @@ def test_gradient_accumulation_equals_one_larger_batch():
 
 def test_norm_and_bias_parameters_get_no_weight_decay_unless_asked():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    groups = engine.build_optimizer(model, "AdamW", 1e-3, 0.05, 0.9).param_groups
+    groups = schedule.build_optimizer(model, "AdamW", 1e-3, 0.05, 0.9).param_groups
     assert [len(g["params"]) for g in groups] == [1, 3] and [g["weight_decay"] for g in groups] == [0.05, 0.0]
-    assert len(engine.build_optimizer(model, "AdamW", 1e-3, 0.05, 0.9, decay_norm_bias=True).param_groups) == 1
+    assert len(schedule.build_optimizer(model, "AdamW", 1e-3, 0.05, 0.9, decay_norm_bias=True).param_groups) == 1
 
 
 def test_bf16_trains_on_cpu_and_fp16_is_refused_with_one_line(demo_root, tmp_path):

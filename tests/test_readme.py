@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script, tiny_run_args
+from conftest import ROOT, run_script, tiny_run_args, write_folder_dataset, write_label_csv
 
 README = (ROOT / "README.md").read_text()
 
@@ -72,14 +73,23 @@ def test_example_commands_run(command, demo_root, tmp_path):
     paths = {
         "/data/train/images": demo_root / "train/images",
         "/data/eval": demo_root / "eval",
+        "/data/photos": demo_root / "eval/images",
+        "/data/pets": write_folder_dataset(tmp_path / "pets"),
+        "/data/labels.csv": write_label_csv(tmp_path / "pets", tmp_path / "labels.csv"),
         "../shared/data/maskdev/train/images": demo_root / "train/images",
     }
     args = [str(paths.get(a, a)) for a in args]
-    if args[0] == "train.py":
-        args += ["--epochs", "1", "--resize", "64", "48"]
-    else:  # inference of a run named in the examples: train it first
-        name = Path(args[args.index("--model_dir") + 1]).name
+    if args[0] == "train.py" and "--resume" in args:  # a run to resume: train one epoch of it, resume to two
+        name = Path(args[args.index("--resume") + 1]).name
         run_script("train.py", *tiny_run_args(demo_root, "--name", name), cwd=tmp_path)
+        args += ["--epochs", "2"]
+    elif args[0] == "train.py":
+        args += ["--epochs", "1", "--resize", "64", "48"]
+    else:  # inference of runs named in the examples: train them first
+        start = args.index("--model_dir") + 1
+        names = [Path(a).name for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])]
+        for name in names:
+            run_script("train.py", *tiny_run_args(demo_root, "--name", name), cwd=tmp_path)
     result = run_script(args[0], *args[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dataset
+import splits
 
 
 def _synthetic(n_persons=200, seed=0):
@@ -20,7 +21,7 @@ def _synthetic(n_persons=200, seed=0):
 @pytest.mark.parametrize("val_ratio", [0.1, 0.2, 0.33])
 def test_group_split_is_disjoint_complete_exact_and_stratified(val_ratio):
     groups, item_strata, person_strata = _synthetic()
-    train, val = dataset.stratified_group_split(groups, item_strata, val_ratio, seed=3)
+    train, val = splits.stratified_group_split(groups, item_strata, val_ratio, seed=3)
     assert not set(groups[train]) & set(groups[val])
     assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(groups)))  # each item once
     n_val_persons = len(set(groups[val]))
@@ -34,9 +35,9 @@ def test_group_split_is_disjoint_complete_exact_and_stratified(val_ratio):
 
 def test_group_split_is_deterministic_and_seed_dependent():
     groups, strata, _ = _synthetic()
-    a = dataset.stratified_group_split(groups, strata, 0.2, seed=1)
-    b = dataset.stratified_group_split(groups, strata, 0.2, seed=1)
-    c = dataset.stratified_group_split(groups, strata, 0.2, seed=2)
+    a = splits.stratified_group_split(groups, strata, 0.2, seed=1)
+    b = splits.stratified_group_split(groups, strata, 0.2, seed=1)
+    c = splits.stratified_group_split(groups, strata, 0.2, seed=2)
     assert np.array_equal(a[1], b[1])
     assert not np.array_equal(a[1], c[1])
 
