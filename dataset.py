@@ -1,4 +1,4 @@
-"""Datasets, splits (holdout and k-fold) and the mask competition's label rules.
+"""Datasets and their splits (holdout and k-fold); the mask competition's label rules live in labels.py.
 
 python -c "import dataset; print(len(dataset.MaskSplitByProfileDataset('data/demo/train/images')))"
 python -c "import dataset; d = dataset.ImageFolderDataset('data/flowers'); print(d.class_names, d.fold_ids(5))"
@@ -24,6 +24,20 @@ from torch.utils.data import Dataset
 import utils
 from imaging import compute_mean_std as compute_mean_std  # re-exported: callers use dataset.compute_mean_std
 from imaging import decode_fixed, load_image
+
+# The `X as X` imports re-export the label rules: callers keep using dataset.encode, dataset.MASK_FILES, ...
+from labels import DEFAULT_AGE_BOUNDS as DEFAULT_AGE_BOUNDS
+from labels import GENDER_NAMES as GENDER_NAMES
+from labels import GENDERS as GENDERS
+from labels import MASK_FILES as MASK_FILES
+from labels import MASK_NAMES as MASK_NAMES
+from labels import FixableField, apply_label_fixes, class_parser, parse_age, parse_gender, parse_mask
+from labels import age_band as age_band
+from labels import age_names as age_names
+from labels import decode as decode
+from labels import encode as encode
+from labels import mask_class_names as mask_class_names
+from labels import parse_profile as parse_profile
 from splits import SPLITS as SPLITS  # re-exported: train.py's --split choices
 from splits import check_split_args as check_split_args
 from splits import fold_split, kfold_ids, rarest_class_strata, stratified_group_split
@@ -35,55 +49,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif
 # Mean/std of the competition's training images, as the seed baseline used them (RGB, 0..1 scale).
 SEED_MEAN, SEED_STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# ---------------------------------------------------------------------------------------------------
-# Labels of the mask competition: class = mask * 6 + gender * 3 + age.
-MASK_FILES = {f"mask{i}": 0 for i in range(1, 6)} | {"incorrect_mask": 1, "normal": 2}
-MASK_NAMES = ("wear", "incorrect", "not wear")
-GENDERS = {"male": 0, "female": 1}
-GENDER_NAMES = ("male", "female")
-DEFAULT_AGE_BOUNDS = (30, 60)
-
-
-def age_band(age: int, bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> int:
-    """0 below bounds[0], 1 from bounds[0] to bounds[1] - 1, 2 from bounds[1] on."""
-    return int(age >= bounds[0]) + int(age >= bounds[1])
-
-
-def age_names(bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> tuple[str, str, str]:
-    return (f"<{bounds[0]}", f"{bounds[0]}-{bounds[1] - 1}", f">={bounds[1]}")
-
-
-def encode(mask: Any, gender: Any, age: Any) -> Any:
-    """18-class label from mask (0-2), gender (0-1) and age band (0-2); works on ints and arrays."""
-    return mask * 6 + gender * 3 + age
-
-
-def decode(label: Any) -> tuple[Any, Any, Any]:
-    """(mask, gender, age band) of an 18-class label; works on ints and arrays."""
-    return label // 6, (label // 3) % 2, label % 3
-
-
-def mask_class_names(bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> list[str]:
-    """The 18 class names, e.g. 'wear/female/<30', in label order."""
-    names = []
-    for label in range(18):
-        m, g, a = decode(label)
-        names.append(f"{MASK_NAMES[m]}/{GENDER_NAMES[g]}/{age_names(bounds)[a]}")
-    return names
-
-
-def parse_profile(name: str) -> tuple[str, int, str, int]:
-    """(id, gender, race, age) of a person folder `{id}_{gender}_{race}_{age}`; ValueError saying why not."""
-    parts = name.split("_")
-    if len(parts) != 4:
-        raise ValueError("expected {id}_{gender}_{race}_{age}")
-    pid, gender, race, age = parts
-    if gender.lower() not in GENDERS:
-        raise ValueError(f"gender '{gender}' is not male or female")
-    if not age.isdigit():
-        raise ValueError(f"age '{age}' is not a whole number")
-    return pid, GENDERS[gender.lower()], race, int(age)
 
 
 def is_hidden(path: Path) -> bool:
@@ -207,6 +172,7 @@ class MaskBaseDataset(Dataset):
         seed: int = 42,
         age_bounds: Sequence[int] = DEFAULT_AGE_BOUNDS,
         split: str = "auto",
+        label_fixes: str | os.PathLike | None = None,
     ) -> None:
         check_split_args(split)
         self.data_dir = Path(data_dir)
@@ -214,6 +180,7 @@ class MaskBaseDataset(Dataset):
         self.seed = seed
         self.split = split
         self.age_bounds = tuple(age_bounds)
+        self.label_fixes = label_fixes or None
         self.class_names = mask_class_names(self.age_bounds)
         # Per-instance lists: two datasets never share state.
         self.image_paths: list[Path] = []
@@ -223,6 +190,8 @@ class MaskBaseDataset(Dataset):
         self.gender_labels: list[int] = []
         self.ages: list[int] = []
         self.setup()
+        # Fixed here, before any split is made: a person's stratum (gender x age band) follows the fixed labels.
+        self.label_fix_report = self.fix_labels(self.label_fixes) if self.label_fixes else None
 
     def setup(self) -> None:
         """Index the folder (see `index_mask_folder`): stop on folders whose labels cannot be read, warn on the rest."""
@@ -243,6 +212,15 @@ class MaskBaseDataset(Dataset):
         self.mask_labels = images["mask"].tolist()
         self.gender_labels = images["gender"].tolist()
         self.ages = images["age"].tolist()
+
+    def fix_labels(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Apply a label-fix file (see labels.py): gender and age by person id or path, mask by path only."""
+        fields = {
+            "gender": FixableField(self.gender_labels, parse_gender, GENDER_NAMES.__getitem__),
+            "age": FixableField(self.ages, parse_age),
+            "mask": FixableField(self.mask_labels, parse_mask, MASK_NAMES.__getitem__, per_image=True),
+        }
+        return apply_label_fixes(path, fields, self.image_paths, self.data_dir, self.groups, "person")
 
     @property
     def labels(self) -> np.ndarray:
@@ -309,6 +287,7 @@ class ImageFolderDataset(Dataset):
 
     group_flag = "--group_pattern"  # what gives images their groups, for messages
     layout_hint = "pass the folder of class folders as --data_dir"
+    image_root: Path | None = None  # the folder image paths are relative to, when not data_dir (CSVDataset's)
 
     def __init__(
         self,
@@ -317,6 +296,7 @@ class ImageFolderDataset(Dataset):
         seed: int = 42,
         split: str = "auto",
         group_pattern: str | None = None,
+        label_fixes: str | os.PathLike | None = None,
     ) -> None:
         check_split_args(split)
         self.data_dir = Path(data_dir)
@@ -324,12 +304,15 @@ class ImageFolderDataset(Dataset):
         self.seed = seed
         self.split = split
         self.group_pattern = group_pattern or None
+        self.label_fixes = label_fixes or None
         self.class_names: list[str] = []
         self.image_paths: list[Path] = []
         self.labels = np.zeros(0, dtype=np.int64)  # class id of each image: its index in class_names
         self.groups: list[str] = []  # group of each image; its own path when no groups are known
         self.has_groups = False
         self.setup()
+        # Fixed here, before any split is made: the strata (classes) follow the fixed labels.
+        self.label_fix_report = self.fix_labels(self.label_fixes) if self.label_fixes else None
         self.num_classes = len(self.class_names)
         if self.num_classes < 2:
             raise UserError(
@@ -386,6 +369,22 @@ class ImageFolderDataset(Dataset):
             )
         return [m.group(1) if pattern.groups else m.group(0) for m in matches]
 
+    def fix_labels(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Apply a label-fix file (see labels.py): field `label`, a class name, by image path or group id."""
+        labels = self.labels.tolist()
+        field = FixableField(labels, class_parser(self.class_names), self.class_names.__getitem__)
+        root = self.image_root or self.data_dir
+        ids = self.groups if self.has_groups else None
+        report = apply_label_fixes(
+            path, {"label": field}, self.image_paths, root, ids, "group", f"pass {self.group_flag}"
+        )
+        self.labels = np.asarray(labels, dtype=np.int64)
+        present = set(labels)
+        empty = [name for i, name in enumerate(self.class_names) if i not in present]
+        if empty:
+            print(f"warning: after the label fixes, class(es) {utils.listing(empty)} have no image", file=sys.stderr)
+        return report
+
     label_text = MaskBaseDataset.label_text
 
     def remove(self, paths: Collection[str]) -> None:
@@ -440,12 +439,13 @@ class CSVDataset(ImageFolderDataset):
         label_column: str = "label",
         group_column: str | None = None,
         image_root: str | os.PathLike | None = None,
+        label_fixes: str | os.PathLike | None = None,
     ) -> None:
         self.image_column = image_column or None
         self.label_column = label_column
         self.group_column = group_column or None
-        self.image_root = Path(image_root) if image_root else None  # default: the CSV's folder
-        super().__init__(data_dir, val_ratio, seed, split)
+        self.image_root = Path(image_root) if image_root else None  # default: the CSV's folder (set by setup)
+        super().__init__(data_dir, val_ratio, seed, split, label_fixes=label_fixes)
 
     def setup(self) -> None:
         """Read the CSV (`data_dir`, or the only CSV in that folder); stop on missing columns or images."""
@@ -471,7 +471,7 @@ class CSVDataset(ImageFolderDataset):
                 raise UserError(f"{path} has no column '{column}' ({flag}); its columns: {columns}")
         if table.empty:
             raise UserError(f"no images found: {path} has no rows")
-        root = self.image_root or path.parent
+        root = self.image_root = self.image_root or path.parent
         if not root.is_dir():
             raise UserError(f"--image_root {root} does not exist: pass the folder the CSV's paths are relative to")
         self.image_paths = [root / p for p in table[image_column]]

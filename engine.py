@@ -459,6 +459,7 @@ def fit(
                 if row["ema_val_f1"] > val_f1:
                     score, best_weights, probs = row["ema_val_f1"], ema.module, ema_probs
                     val_preds = probs.argmax(1).numpy()
+            row.update(report.task_metrics(data, val_set.targets, val_preds))
             is_best = score > best_f1
             row.update({"lr": schedule.lr, "time_s": train_time + time.time() - start, "best": is_best})
             rows.append(row)
@@ -481,7 +482,9 @@ def fit(
                 )
                 if is_best:
                     utils.save_checkpoint(run_dir / "best.pth", **{**state(epoch, None, best_weights), "rng": None})
-                    report.write_best_reports(run_dir, data, val_idx, val_set.targets, probs.numpy())
+                    report.write_best_reports(
+                        run_dir, data, val_idx, val_set.targets, probs.numpy(), aug.load_size, writer, epoch
+                    )
                 utils.save_checkpoint(run_dir / "last.pth", **state(epoch, None, model))
             if stopping:
                 print(f"Early stopping: no better validation macro F1 for {args.patience} epochs")
@@ -490,6 +493,12 @@ def fit(
                 print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume {run_dir}")
                 return None
     if writer is not None:
+        best_row = next(r for r in rows if r["epoch"] == best_epoch)
+        metrics = {"hparam/best_val_f1": best_f1, "hparam/best_epoch": best_epoch}
+        metrics |= {
+            f"hparam/{k}": best_row[k] for k in ("val_mask_acc", "val_gender_acc", "val_age_acc") if k in best_row
+        }
+        report.log_hparams(writer, config, metrics)
         writer.close()
     print(f"Best validation macro F1 {best_f1:.4f} at epoch {best_epoch}; saved in {run_dir}")
     print(f"Next: python inference.py --model_dir {run_dir}")

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import dataset
 import utils
 
 
@@ -29,11 +30,30 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 def log_line(row: dict[str, Any], epochs: int) -> str:
     """The one line printed per epoch, with every metric of `row` and the elapsed time."""
     ema = f" ema f1 {row['ema_val_f1']:.4f}" if "ema_val_f1" in row else ""
+    tasks = "".join(f" {t} {row[f'val_{t}_acc']:.1%}" for t in TASKS if f"val_{t}_acc" in row)
     return (
         f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%} "
         f"f1 {row['train_f1']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2%} "
-        f"f1 {row['val_f1']:.4f}{ema} | lr {row['lr']:.2e} | {row['time_s']:.1f}s{' | best' if row['best'] else ''}"
+        f"f1 {row['val_f1']:.4f}{ema}{' |' + tasks if tasks else ''} | worst {row['val_worst']} | "
+        f"lr {row['lr']:.2e} | {row['time_s']:.1f}s{' | best' if row['best'] else ''}"
     )
+
+
+TASKS = ("mask", "gender", "age")
+
+
+def task_metrics(data: Any, targets: np.ndarray, preds: np.ndarray, worst: int = 3) -> dict[str, Any]:
+    """Accuracy of each task (mask, gender, age band) for mask-competition data, and the `worst` classes by F1
+    (among those in the truth): where to look before changing anything."""
+    targets, preds = np.asarray(targets), np.asarray(preds)
+    out: dict[str, Any] = {}
+    if isinstance(data, dataset.MaskBaseDataset):
+        for task, truth, pred in zip(TASKS, dataset.decode(targets), dataset.decode(preds), strict=True):
+            out[f"val_{task}_acc"] = float((truth == pred).mean())
+    f1 = utils.f1_per_class(targets, preds, len(data.class_names))
+    present = [k for k in np.argsort(f1, kind="stable") if (targets == k).any()][:worst]
+    out["val_worst"] = ", ".join(f"{data.class_names[k]} {f1[k]:.2f}" for k in present)
+    return out
 
 
 def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -148,10 +168,55 @@ def save_table(table: pd.DataFrame, path: Path) -> None:
     utils.atomic_write(path, lambda f: table.to_csv(f, index=False))
 
 
-def write_best_reports(run_dir: Path, data: Any, indices: np.ndarray, targets: np.ndarray, probs: np.ndarray) -> None:
-    """With best.pth: the per-class report (best_report.csv) and every validation prediction (val_predictions.csv)."""
+def worst_figure(table: pd.DataFrame, class_names: Sequence[str], size: Sequence[int], n: int = 16) -> Any:
+    """The `n` validation images with the highest loss, each titled with truth, prediction and loss."""
+    worst = table.nlargest(n, "loss")
+    images = np.stack([dataset.decode_fixed(p, tuple(size)) for p in worst["path"]])
+    titles = [
+        f"truth {class_names[t]}\npred {class_names[p]} (loss {loss:.2f})"
+        for t, p, loss in zip(worst["truth"], worst["pred"], worst["loss"], strict=True)
+    ]
+    return utils.image_grid(images, titles, colors=["red"] * len(worst))
+
+
+def write_best_reports(
+    run_dir: Path,
+    data: Any,
+    indices: np.ndarray,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    size: Sequence[int],
+    writer: Any = None,
+    epoch: int = 0,
+) -> None:
+    """With best.pth: the per-class report (best_report.csv), every validation prediction (val_predictions.csv),
+    and the highest-loss validation images (worst_val.png and TensorBoard's Val/worst)."""
     save_table(class_report(targets, probs.argmax(1), data.class_names), run_dir / "best_report.csv")
-    save_table(predictions_table(data, indices, targets, probs), run_dir / "val_predictions.csv")
+    table = predictions_table(data, indices, targets, probs)
+    save_table(table, run_dir / "val_predictions.csv")
+    figure = worst_figure(table, data.class_names, size)
+    utils.atomic_write(run_dir / "worst_val.png", lambda f: figure.savefig(f, format="png", dpi=80), binary=True)
+    if writer is not None:
+        writer.add_figure("Val/worst", figure, epoch)
+
+
+def log_hparams(writer: Any, config: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The run's flags and final metrics for TensorBoard's HParams tab (in the run's own event file, so the tab
+    lists one row per run directory under --model_dir)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flags = {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in config.items()
+        if k not in ("versions", "class_names", "skipped_images", "command", "mean", "std", "resumed")
+    }
+    experiment, start, end = hparams(flags, metrics)
+    file_writer = writer._get_file_writer()
+    for summary in (experiment, start, end):
+        file_writer.add_summary(summary)
+    for name, value in metrics.items():
+        writer.add_scalar(name, value)
+    writer.flush()
 
 
 def write_oof(run_dir: Path, data: Any, folds: Sequence[dict[str, Any]]) -> float:

@@ -79,6 +79,13 @@ def get_parser() -> argparse.ArgumentParser:
         "with out-of-fold predictions in oof.csv (default: one holdout split of --val_ratio)",
     )
     data.add_argument(
+        "--label_fixes",
+        default=None,
+        metavar="CSV",
+        help="corrected labels applied while indexing: rows id,field,value (id: a person id or an image path; "
+        "field: gender, age or mask; label for folder/CSV data), e.g. 000123,gender,female",
+    )
+    data.add_argument(
         "--sampler",
         choices=("shuffle", "weighted"),
         default="shuffle",
@@ -335,6 +342,8 @@ def check_args(args: Namespace) -> None:
     if args.class_weights and not loss_module.accepts_class_weights(args.criterion):
         valid = [n for n in loss_module.criterion_names() if loss_module.accepts_class_weights(n)]
         raise UserError(f"--class_weights: --criterion {args.criterion} takes no class weights; use {', '.join(valid)}")
+    if args.label_fixes and not Path(args.label_fixes).is_file():
+        raise UserError(f"--label_fixes {args.label_fixes} does not exist: give a CSV of id,field,value rows")
     if args.pretrained_path and not Path(args.pretrained_path).is_file():
         raise UserError(
             f"--pretrained_path {args.pretrained_path} does not exist: give the path of a local weights file"
@@ -466,6 +475,7 @@ def train(
         "global_batch_size": args.batch_size * world * args.grad_accum,
         "run_dir": str(run_dir),
         "skipped_images": sorted(bad_images),
+        "label_fix_report": data.label_fix_report,
         "versions": utils.library_versions(),
         "git_commit": utils.git_commit(),
         "command": " ".join(sys.argv),

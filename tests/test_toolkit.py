@@ -101,3 +101,19 @@ def test_class_weights_with_a_criterion_that_takes_none_is_refused(demo_root, tm
     done = run_script("train.py", *tiny_run_args(demo_root, "--class_weights", "--criterion", "f1"), cwd=tmp_path)
     assert done.returncode == 2
     assert "--class_weights: --criterion f1 takes no class weights" in done.stderr
+
+
+def test_label_fixes_are_applied_reported_and_saved_and_a_bad_row_names_itself(demo_root, tmp_path):
+    person = sorted((demo_root / "train/images").iterdir())[0].name
+    pid, gender = person.split("_")[0], person.split("_")[1]
+    other = "female" if gender == "male" else "male"
+    (tmp_path / "fixes.csv").write_text(f"id,field,value\n{pid},gender,{other}\n")
+    done = run_script("train.py", *tiny_run_args(demo_root, "--label_fixes", "fixes.csv"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Label fixes from fixes.csv: 1 row(s), 7 image label(s) changed" in done.stdout
+    config = pd.read_json(tmp_path / "model/exp/config.json", typ="series")
+    assert config["label_fix_report"]["changes"] == [[pid, "gender", gender, other]]
+    (tmp_path / "bad.csv").write_text(f"id,field,value\n{pid},gender,{other}\n999999,age,40\n")
+    bad = run_script("train.py", *tiny_run_args(demo_root, "--label_fixes", "bad.csv"), cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: --label_fixes bad.csv row 3: id 999999 is not a person")
