@@ -1,0 +1,391 @@
+"""See why a run scores what it scores: compare the runs of a model folder, and list persons whose labels the
+models consistently contradict (candidates for a human to check; nothing is ever changed or applied).
+
+    python runs.py                                  # every run under $SM_MODEL_DIR (or ./model), best F1 first
+    python runs.py model --csv output/runs.csv      # the same table, also saved as CSV
+    python runs.py --suspects model/kfold           # persons whose gender or age band the models contradict
+
+The table has one row per run directory (config.json + log.csv; a k-fold run is one row: the mean of its folds'
+best F1, and the macro F1 of its oof.csv), then one column per train.py flag whose value differs between the runs.
+--suspects writes RUN_DIR/label_suspects.csv and RUN_DIR/label_fixes_template.csv (id,field,value): check the
+photos, keep the rows you confirm, and train with `python train.py --label_fixes FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import dataset
+import inference
+import train
+import utils
+from utils import UserError
+
+# Flags that name or locate a run rather than change how it trains, and those with columns of their own.
+NOT_COMPARED = ("name", "model_dir", "resume", "model", "resize")
+SUSPECT_COLUMNS = [
+    "group",
+    "field",
+    "label",
+    "predicted",
+    "photos",
+    "share_disagree",
+    "mean_prob_label",
+    "example_path",
+]
+
+
+class UnreadableRun(Exception):
+    """A run directory whose config.json or log.csv cannot be read; it is skipped with a warning."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    table = p.add_argument_group("run table")
+    table.add_argument(
+        "model_dir",
+        nargs="?",
+        default=utils.env_value("SM_MODEL_DIR", "./model"),
+        metavar="MODEL_DIR",
+        help="folder searched (recursively) for run directories [$SM_MODEL_DIR]",
+    )
+    table.add_argument("--csv", default=None, metavar="FILE", help="also save the table as this CSV file")
+    suspects = p.add_argument_group("label suspects")
+    suspects.add_argument(
+        "--suspects",
+        default=None,
+        metavar="RUN_DIR",
+        help="instead of the table: persons whose gender or age band the run's predictions contradict, from "
+        "RUN_DIR/oof.csv (k-fold: every person) or else RUN_DIR/val_predictions.csv (validation persons only)",
+    )
+    suspects.add_argument(
+        "--min_share",
+        type=float,
+        default=0.8,
+        help="a person is a candidate when at least this share (0..1] of their photos disagree with the label",
+    )
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run table.
+def find_runs(root: Path) -> list[tuple[Path, list[Path]]]:
+    """(run directory, the directories holding its config.json and log.csv) for every run under `root`: a run
+    is itself, a k-fold run is its fold0/, fold1/, ... Fold directories are not listed as runs of their own."""
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        here = Path(folder)
+        folds = inference.fold_dirs(here)
+        if "config.json" in files and "log.csv" in files:
+            found.append((here, [here]))
+        elif folds:
+            found.append((here, [f for f in folds if (f / "log.csv").is_file()]))
+        else:
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            continue
+        subdirs[:] = []  # nothing below a run directory is another run
+    return [(run, parts) for run, parts in found if parts]
+
+
+def read_part(folder: Path) -> dict[str, Any]:
+    """Config, best F1, its epoch and the log's time of one run directory (or fold); `UnreadableRun` saying why."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnreadableRun(f"config.json cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise UnreadableRun("config.json does not hold an object of flags")
+    try:
+        log = pd.read_csv(folder / "log.csv")
+        # A row's score is the one best.pth is selected on: the EMA weights' F1 where they did better.
+        score = pd.to_numeric(log["val_f1"], errors="raise")
+        if "ema_val_f1" in log:
+            score = np.fmax(score, pd.to_numeric(log["ema_val_f1"], errors="raise"))
+        epochs = pd.to_numeric(log["epoch"], errors="raise")
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError) as e:
+        raise UnreadableRun(f"log.csv cannot be read ({type(e).__name__}: {e})") from None
+    if score.isna().all():
+        raise UnreadableRun("log.csv has no finished epoch")
+    best = int(score.idxmax())  # the first epoch reaching the best score, as train.py keeps it
+    mtime = (folder / "log.csv").stat().st_mtime
+    return {"config": config, "best_f1": float(score[best]), "epoch": int(epochs[best]), "mtime": mtime}
+
+
+def oof_f1(run_dir: Path, config: dict[str, Any]) -> float:
+    """Macro F1 of a k-fold run's oof.csv (every image, predicted by the fold that did not train on it); NaN
+    when there is none (a k-fold run still training) or it cannot be read (with a warning)."""
+    path = run_dir / "oof.csv"
+    if not path.is_file():
+        return float("nan")
+    try:
+        oof = pd.read_csv(path, usecols=["truth", "pred"])
+        return utils.macro_f1(oof["truth"].to_numpy(), oof["pred"].to_numpy(), config.get("num_classes"))
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        print(f"warning: {path} cannot be read ({type(e).__name__}: {e}); its oof_f1 is left empty", file=sys.stderr)
+        return float("nan")
+
+
+def read_run(run_dir: Path, parts: list[Path], name: str) -> dict[str, Any] | None:
+    """One row of the table (with the run's config for the flag columns), or None after a warning."""
+    read = []
+    for part in parts:
+        try:
+            read.append(read_part(part))
+        except UnreadableRun as e:
+            print(f"warning: skipping {part}: {e}", file=sys.stderr)
+    if not read:
+        return None
+    config = dict(read[0]["config"])
+    row: dict[str, Any] = {"name": name}
+    if parts == [run_dir]:
+        row.update(best_f1=read[0]["best_f1"], epoch=str(read[0]["epoch"]))
+    else:
+        config["fold"] = "all"  # each fold's config.json holds its own fold number
+        row.update(
+            best_f1=float(np.mean([r["best_f1"] for r in read])),
+            epoch="/".join(str(r["epoch"]) for r in read),
+            folds=f"{len(read)}/{config.get('n_splits', '?')}",
+            oof_f1=oof_f1(run_dir, config),
+        )
+    resize = config.get("resize")
+    row.update(
+        date=datetime.datetime.fromtimestamp(max(r["mtime"] for r in read)).strftime("%Y-%m-%d %H:%M"),
+        model=config.get("model", "?"),
+        size="x".join(map(str, resize)) if isinstance(resize, list) else "?",
+        config=config,
+    )
+    return row
+
+
+def show_value(value: Any) -> str:
+    """A flag's value as the command line writes it (lists space-separated)."""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def differing_flags(configs: list[dict[str, Any]]) -> list[str]:
+    """train.py's flags (in its --help order) whose values are not the same in every config. A flag missing from
+    an older config counts as today's default (a new flag defaults to the old behaviour), so adding a flag to
+    train.py does not make every older run differ."""
+    defaults = vars(train.get_parser().parse_args([]))
+    flags = [f for f in defaults if f not in NOT_COMPARED]
+    return [
+        f for f in flags if len({json.dumps(c.get(f, defaults[f]), default=repr, sort_keys=True) for c in configs}) > 1
+    ]
+
+
+def run_table(root: Path) -> pd.DataFrame:
+    """One row per run under `root`, best F1 first: name, date, best_f1, epoch, [folds, oof_f1], model, size,
+    then every flag that differs between the runs ('-': not in that run's config.json)."""
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist: pass the folder of run directories (default $SM_MODEL_DIR or ./model)")
+    rows = []
+    for run_dir, parts in find_runs(root):
+        rel = run_dir.relative_to(root).as_posix()
+        row = read_run(run_dir, parts, run_dir.resolve().name if rel == "." else rel)
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        raise UserError(
+            f"no run directories (config.json and log.csv) under {root}: train one with python train.py, or pass "
+            "the folder that holds them"
+        )
+    configs = [row.pop("config") for row in rows]
+    for flag in differing_flags(configs):
+        for row, config in zip(rows, configs, strict=True):
+            row[flag] = show_value(config[flag]) if flag in config else "-"
+    table = pd.DataFrame(rows)
+    kfold = ["folds", "oof_f1"] if "folds" in table else []
+    first = ["name", "date", "best_f1", "epoch", *kfold, "model", "size"]
+    table = table[first + [c for c in table.columns if c not in first]]
+    return table.sort_values(["best_f1", "name"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    f1 = "{:.4f}".format
+    return table.to_string(index=False, na_rep="-", formatters={"best_f1": f1, "oof_f1": f1})
+
+
+def save_csv(table: pd.DataFrame, path: Path, header: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    utils.atomic_write(path, lambda f: f.write(header + table.to_csv(index=False)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Label suspects.
+def mask_fields(class_names: list[str]) -> dict[str, list[str]]:
+    """{'gender': its value names, 'age': the age band names} of the 18 mask-competition class names (read from
+    them, so any --age_bounds works); a `UserError` for any other classes."""
+    ages: dict[int, str] = {}
+    ok = len(class_names) == 18
+    for label, name in enumerate(class_names if ok else []):
+        mask, gender, age = dataset.decode(label)
+        parts = name.split("/")
+        ok = ok and len(parts) == 3 and parts[:2] == [dataset.MASK_NAMES[mask], dataset.GENDER_NAMES[gender]]
+        ok = ok and ages.setdefault(age, parts[-1]) == parts[-1]
+    if not ok:
+        raise UserError(
+            f"--suspects needs mask-competition predictions (18 classes named mask/gender/age, e.g. wear/male/<30); "
+            f"these have {len(class_names)} class(es) ({utils.listing(class_names)}): gender and age suspects apply "
+            "to that data only"
+        )
+    return {"gender": list(dataset.GENDER_NAMES), "age": [ages[a] for a in range(3)]}
+
+
+def read_predictions(run_dir: Path) -> tuple[pd.DataFrame, Path, list[str]]:
+    """(predictions table, its path, class names in label order) of RUN_DIR/oof.csv, else val_predictions.csv."""
+    path = next((run_dir / n for n in ("oof.csv", "val_predictions.csv") if (run_dir / n).is_file()), None)
+    if path is None:
+        raise UserError(
+            f"--suspects {run_dir} holds neither oof.csv nor val_predictions.csv: pass a run directory trained by "
+            "train.py (a k-fold run, --fold all, covers every person)"
+        )
+    try:
+        table = pd.read_csv(path, dtype={"group": str, "path": str})  # ids keep their leading zeros
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); retrain the run to rewrite it") from None
+    class_names = [c[len("prob_") :] for c in table.columns if c.startswith("prob_") and c != "prob_truth"]
+    missing = [c for c in ("path", "group", "truth") if c not in table]
+    if missing or not class_names or table.empty:
+        raise UserError(
+            f"{path} lacks {', '.join(missing) or 'prob_<class> columns or rows'}: it was written by an older "
+            "train.py; retrain the run to rewrite it"
+        )
+    truth = pd.to_numeric(table["truth"], errors="coerce")
+    if not truth.between(0, len(class_names) - 1).all() or (truth % 1 != 0).any():
+        raise UserError(f"{path}: column truth must hold class indices 0..{len(class_names) - 1}; retrain the run")
+    if table["group"].isna().any():
+        raise UserError(f"{path} has images without a group (person id): label suspects need one per image")
+    return table, path, class_names
+
+
+def label_suspects(table: pd.DataFrame, class_names: list[str], min_share: float) -> pd.DataFrame:
+    """Per person, field (gender, age) and labelled value: photos, share of them whose predicted value differs
+    from the label, mean probability of the labelled value, the value predicted instead most often, and the
+    photo that contradicts the label most. Returns the candidates (share >= min_share), ranked by the mean
+    probability of the label relative to chance (x 2 for gender, x 3 for age band), lowest first: a gender label
+    at p 0.2 is as suspect as an age band at p 0.13, and an unsure model does not rank its age guesses first.
+
+    A field's probability is the sum of the 18 class probabilities over the other fields (P(female) = sum over
+    mask and age band), and a photo's predicted value the most probable one. `predicted` is the value the
+    disagreeing photos name most often (for a candidate, the majority of all photos when min_share > 0.5)."""
+    fields = mask_fields(class_names)
+    probs = table[[f"prob_{c}" for c in class_names]].to_numpy(dtype=np.float64)
+    truth = table["truth"].to_numpy(dtype=np.int64)
+    _, gender_of, age_of = dataset.decode(np.arange(18))
+    rows = []
+    for field, value_of in (("gender", gender_of), ("age", age_of)):
+        names = fields[field]
+        marginal = np.stack([probs[:, value_of == v].sum(1) for v in range(len(names))], 1)
+        label = value_of[truth]
+        per_photo = pd.DataFrame(
+            {
+                "group": table["group"].to_numpy(),
+                "label": label,
+                "pred": marginal.argmax(1),
+                "prob_label": marginal[np.arange(len(label)), label],
+                "path": table["path"].to_numpy(),
+            }
+        )
+        # By person and labelled value: a person id naming two folders with different labels gives two rows.
+        for (group, given), photos in per_photo.groupby(["group", "label"], sort=True):
+            wrong = photos[photos["pred"] != given]
+            counts = np.bincount(wrong["pred"], minlength=len(names))
+            mass = marginal[wrong.index].sum(0) if len(wrong) else np.zeros(len(names))
+            instead = max((v for v in range(len(names)) if v != given), key=lambda v: (counts[v], mass[v]))
+            rows.append(
+                {
+                    "group": group,
+                    "field": field,
+                    "label": names[given],
+                    "predicted": names[instead],
+                    "photos": len(photos),
+                    "share_disagree": len(wrong) / len(photos),
+                    "mean_prob_label": float(photos["prob_label"].mean()),
+                    "example_path": photos.loc[photos["prob_label"].idxmin(), "path"],
+                }
+            )
+    stats = pd.DataFrame(rows, columns=SUSPECT_COLUMNS)
+    candidates = stats[stats["share_disagree"] >= min_share - 1e-9]  # 4/5 photos is a share of 0.8
+    vs_chance = candidates["mean_prob_label"] * candidates["field"].map({f: len(v) for f, v in fields.items()})
+    order = candidates.assign(_rank=vs_chance).sort_values(["_rank", "group", "field"], kind="stable")
+    return order.drop(columns="_rank").reset_index(drop=True)
+
+
+def fixes_template(suspects: pd.DataFrame) -> pd.DataFrame:
+    """The candidates as label-fix rows id,field,value (the predicted value) for train.py --label_fixes, with a
+    note the reader ignores. An age fix needs the person's age in years: the predicted band is a placeholder
+    that train.py refuses until it is replaced."""
+    note = [
+        f"labelled {r.label}; {r.share_disagree:.0%} of {r.photos} photos predicted otherwise; "
+        f"mean p(label) {r.mean_prob_label:.3f}; e.g. {r.example_path}"
+        + ("; write the age in years" if r.field == "age" else "")
+        for r in suspects.itertuples()
+    ]
+    return pd.DataFrame(
+        {"id": suspects["group"], "field": suspects["field"], "value": suspects["predicted"], "note": note}
+    )
+
+
+def report_suspects(run_dir: Path, min_share: float) -> pd.DataFrame:
+    """Write RUN_DIR/label_suspects.csv and RUN_DIR/label_fixes_template.csv; print the top 10."""
+    table, path, class_names = read_predictions(run_dir)
+    suspects = label_suspects(table, class_names, min_share)
+    out, template = run_dir / "label_suspects.csv", run_dir / "label_fixes_template.csv"
+    save_csv(suspects, out)
+    save_csv(
+        fixes_template(suspects),
+        template,
+        header="# Candidates from runs.py --suspects: keep only the rows you confirm by looking at the photos; an age "
+        "value must be the age in years\n",
+    )
+    kind = "out-of-fold predictions" if path.name == "oof.csv" else "validation predictions only"
+    print(
+        f"Label suspects from {path} ({len(table)} photos of {table['group'].nunique()} persons, {kind}): "
+        f"{len(suspects)} person-field pair(s) with at least {min_share:.0%} of the photos disagreeing with the label."
+    )
+    print("These are candidates for a human to look at, never applied: training data is unchanged.")
+    if len(suspects):
+        top = suspects.head(10)
+        print(
+            top.to_string(
+                index=False, formatters={"share_disagree": "{:.2f}".format, "mean_prob_label": "{:.3f}".format}
+            )
+        )
+    print(f"Saved {out} (all {len(suspects)}) and {template} (rewritten each time: copy it before editing).")
+    print(
+        f"Next: look at the photos; copy {template.name} to label_fixes.csv, delete the rows you do not confirm, "
+        "write ages in years, then: python train.py --label_fixes label_fixes.csv"
+    )
+    return suspects
+
+
+def main(args: Namespace) -> pd.DataFrame:
+    if args.suspects is not None:
+        if not 0 < args.min_share <= 1:
+            raise UserError(f"--min_share {args.min_share} must be above 0 and at most 1 (e.g. 0.8)")
+        return report_suspects(Path(args.suspects), args.min_share)
+    root = Path(args.model_dir)
+    table = run_table(root)
+    kfold = " (k-fold: the mean over its folds; oof_f1: over every image)" if "oof_f1" in table else ""
+    print(f"{len(table)} run(s) under {root}, best validation macro F1 first{kfold}; then the flags that differ:")
+    print(format_table(table))
+    if args.csv:
+        save_csv(table, Path(args.csv))
+        print(f"Saved {args.csv}")
+    return table
+
+
+if __name__ == "__main__":
+    utils.run_main(main, get_parser().parse_args())

@@ -1,0 +1,46 @@
+"""bench/bench_recipe.py end to end on tiny data, and the per-task metrics it and the epoch line report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dataset
+import report
+from conftest import ROOT
+
+
+def test_bench_recipe_trains_predicts_and_prints_one_parsable_line(demo_root, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench/bench_recipe.py"), "--data", str(demo_root), "--model_dir", str(tmp_path),
+         "--", "--epochs", "1", "--resize", "64", "48", "--num_workers", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pattern = (
+        r"seed 42: eval macro F1 ([\d.]+) acc ([\d.]+)% \| mask ([\d.]+)% gender ([\d.]+)% age ([\d.]+)% \| "
+        r"train (\d+)s \((\d+) img/s\) \| inference ([\d.]+)s \((\d+) img/s\)"
+    )
+    match = re.fullmatch(pattern, done.stdout.strip())
+    assert match, done.stdout
+    assert 0 <= float(match.group(1)) <= 1 and all(0 <= float(match.group(i)) <= 100 for i in range(2, 6))
+
+
+def test_task_metrics_match_a_hand_computed_example():
+    data = dataset.MaskBaseDataset.__new__(dataset.MaskBaseDataset)  # only its class names are needed
+    data.class_names = dataset.mask_class_names()
+    enc = dataset.encode
+    targets = np.array([enc(0, 0, 0), enc(0, 1, 2), enc(1, 0, 1), enc(2, 1, 0)])
+    preds = np.array([enc(0, 0, 0), enc(0, 0, 2), enc(1, 0, 0), enc(0, 1, 0)])
+    # mask right 3/4 (the last one), gender right 3/4 (the second), age right 3/4 (the third)
+    metrics = report.task_metrics(data, targets, preds, worst=2)
+    assert metrics["val_mask_acc"] == pytest.approx(0.75)
+    assert metrics["val_gender_acc"] == pytest.approx(0.75)
+    assert metrics["val_age_acc"] == pytest.approx(0.75)
+    # class enc(0,0,0) is predicted right once and also predicted for nothing else: F1 1; the three others 0.
+    names = data.class_names
+    assert metrics["val_worst"] == f"{names[enc(0, 1, 2)]} 0.00, {names[enc(1, 0, 1)]} 0.00"

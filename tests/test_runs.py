@@ -1,0 +1,220 @@
+"""runs.py: the table of runs (one row per run, k-fold included; the flags that differ) and the label suspects found
+in out-of-fold predictions (a synthetic oof.csv: no training)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import dataset
+import runs
+import utils
+from conftest import run_script, tiny_run_args
+
+SHOTS = [*(f"mask{i}" for i in range(1, 6)), "incorrect_mask", "normal"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo_root, tmp_path_factory):
+    """Three tiny runs in one model folder: the defaults, --lr 0.01, and a 2-fold k-fold run."""
+    cwd = tmp_path_factory.mktemp("runs")
+    for name, extra in (("base", []), ("lr", ["--lr", "0.01"]), ("kfold", ["--fold", "all", "--n_splits", "2"])):
+        args = tiny_run_args(demo_root, "--num_workers", "0", "--name", name, *extra)
+        done = run_script("train.py", *args, cwd=cwd)
+        assert done.returncode == 0, done.stderr
+    return cwd / "model"
+
+
+def best_f1(run_dir):
+    return pd.read_csv(run_dir / "log.csv")["val_f1"].max()
+
+
+def test_table_lists_every_run_and_only_the_flags_that_differ(model_dir, tmp_path):
+    out = tmp_path / "tables/runs.csv"
+    done = run_script("runs.py", str(model_dir), "--csv", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(table["name"]) == ["base", "kfold", "lr"]
+    assert all(name in done.stdout for name in ("base", "kfold", "lr"))
+    first = ["name", "date", "best_f1", "epoch", "folds", "oof_f1", "model", "size"]
+    assert list(table.columns[:8]) == first
+    assert set(table.columns[8:]) == {"n_splits", "fold", "lr"}  # the flags that differ; epochs, seed, ... do not
+    rows = table.set_index("name")
+    assert rows.loc["base", "lr"] == "0.003" and rows.loc["lr", "lr"] == "0.01"
+    assert rows.loc["base", "size"] == "64x48" and rows.loc["base", "model"] == "BaseModel"
+    assert rows.loc["kfold", "fold"] == "all" and rows.loc["base", "fold"] == "None"
+    f1 = table["best_f1"].astype(float)
+    assert list(f1) == sorted(f1, reverse=True)
+    assert float(rows.loc["base", "best_f1"]) == pytest.approx(best_f1(model_dir / "base"))
+    assert rows.loc["base", "epoch"] == "1"
+
+
+def test_kfold_run_is_one_row_with_mean_fold_f1_and_oof_f1(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", str(model_dir))  # the default MODEL_DIR
+    table = runs.main(runs.get_parser().parse_args([]))
+    assert not any(name.startswith("kfold/") for name in table["name"])
+    row = table.set_index("name").loc["kfold"]
+    folds = [model_dir / "kfold/fold0", model_dir / "kfold/fold1"]
+    assert row["best_f1"] == pytest.approx(np.mean([best_f1(f) for f in folds]))
+    oof = pd.read_csv(model_dir / "kfold/oof.csv")
+    assert row["oof_f1"] == pytest.approx(utils.macro_f1(oof["truth"], oof["pred"], 18))
+    assert row["folds"] == "2/2" and row["epoch"] == "1/1"
+
+
+def test_unreadable_run_is_skipped_with_a_warning(model_dir, tmp_path):
+    root = tmp_path / "model"
+    shutil.copytree(model_dir / "base", root / "good")
+    shutil.copytree(model_dir / "lr", root / "bad_config")
+    (root / "bad_config/config.json").write_text("{ not json")
+    shutil.copytree(model_dir / "lr", root / "bad_log")
+    (root / "bad_log/log.csv").write_text("")
+    done = run_script("runs.py", str(root), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings)
+    assert "config.json" in done.stderr and "log.csv" in done.stderr
+    assert "good" in done.stdout and "bad_" not in done.stdout
+
+
+def test_a_flag_missing_from_an_older_config_counts_as_its_default(model_dir, tmp_path):
+    root = tmp_path / "model"
+    for name in ("base", "lr"):
+        shutil.copytree(model_dir / name, root / name)
+    config = json.loads((root / "base/config.json").read_text())
+    del config["ema"], config["lr"]  # a run from before these flags existed
+    (root / "base/config.json").write_text(json.dumps(config))
+    table = runs.run_table(root).set_index("name")
+    assert "ema" not in table.columns  # the other run has the default
+    assert table.loc["base", "lr"] == "-" and table.loc["lr", "lr"] == "0.01"
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_no_runs_found_exits_2_with_one_line(tmp_path, folder):
+    (tmp_path / "empty/some/dir").mkdir(parents=True)
+    (tmp_path / "empty/some/dir/config.json").write_text("{}")  # no log.csv: not a run
+    done = run_script("runs.py", str(tmp_path / folder), cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and folder in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Label suspects, on synthetic predictions.
+FLIPPED = {"000003": 0.95, "000008": 0.7}  # persons whose gender label is wrong: the models' confidence
+PARTLY = "000005"  # 3 of 7 photos predicted as the other gender
+
+
+def write_predictions(path, class_names=None):
+    """12 persons x 7 photos: each photo's probability mass on the labelled class (0.8, the rest spread evenly),
+    except FLIPPED persons (every photo: on the class of the other gender) and PARTLY (3 photos flipped)."""
+    class_names = class_names or dataset.mask_class_names()
+    rows, probs = [], []
+    for person in range(1, 13):
+        pid, gender, age = f"{person:06d}", person % 2, person % 3
+        for shot_index, shot in enumerate(SHOTS):
+            mask = dataset.MASK_FILES[shot]
+            truth = dataset.encode(mask, gender, age)
+            flipped = pid in FLIPPED or (pid == PARTLY and shot_index < 3)
+            top = FLIPPED.get(pid, 0.8)
+            p = np.full(18, (1 - top) / 17)
+            p[dataset.encode(mask, 1 - gender, age) if flipped else truth] = top
+            probs.append(p)
+            folder = f"{pid}_{dataset.GENDER_NAMES[gender]}_Asian_{[20, 40, 70][age]}"
+            rows.append({"path": f"images/{folder}/{shot}.jpg", "group": pid, "truth": truth, "pred": p.argmax()})
+    table = pd.DataFrame(rows)
+    probs = np.array(probs)
+    table["prob_truth"] = probs[np.arange(len(table)), table["truth"]]
+    table["loss"] = -np.log(table["prob_truth"])
+    table = pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{c}" for c in class_names])], axis=1)
+    table.assign(fold=np.arange(len(table)) % 5).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("file", ["oof.csv", "val_predictions.csv"])
+def test_suspects_rank_persons_whose_gender_label_the_models_contradict(tmp_path, capsys, file):
+    write_predictions(tmp_path / file)
+    runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path)]))
+    suspects = pd.read_csv(tmp_path / "label_suspects.csv", dtype={"group": str})
+    assert list(suspects.columns) == runs.SUSPECT_COLUMNS
+    assert suspects["group"].tolist() == ["000003", "000008"]  # most confident contradiction first
+    assert suspects["field"].tolist() == ["gender", "gender"]
+    assert suspects["label"].tolist() == ["female", "male"] and suspects["predicted"].tolist() == ["male", "female"]
+    assert suspects["photos"].tolist() == [7, 7] and suspects["share_disagree"].tolist() == [1.0, 1.0]
+    assert suspects["mean_prob_label"].iloc[0] == pytest.approx(9 * 0.05 / 17)  # P(female): 9 classes of 0.05/17
+    assert suspects["example_path"].iloc[0].startswith("images/000003_female")
+    template = pd.read_csv(tmp_path / "label_fixes_template.csv", comment="#", dtype=str)
+    assert template[["id", "field", "value"]].values.tolist() == [
+        ["000003", "gender", "male"],
+        ["000008", "gender", "female"],
+    ]
+    out = capsys.readouterr().out
+    assert "candidates for a human to look at, never applied" in out and "000003" in out
+
+
+def test_a_person_with_few_disagreeing_photos_is_a_candidate_only_below_min_share(tmp_path):
+    write_predictions(tmp_path / "oof.csv")
+    default = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path)]))
+    assert PARTLY not in set(default["group"])
+    lenient = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--min_share", "0.4"]))
+    row = lenient.set_index("group").loc[PARTLY]
+    assert row["field"] == "gender" and row["share_disagree"] == pytest.approx(3 / 7)
+    assert lenient["group"].tolist()[:2] == ["000003", "000008"]
+
+
+def test_age_bands_are_read_from_the_class_names(tmp_path):
+    names = dataset.mask_class_names((30, 58))
+    assert runs.mask_fields(names)["age"] == ["<30", "30-57", ">=58"]
+    write_predictions(tmp_path / "oof.csv", names)
+    assert len(runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path)]))) == 2
+
+
+def test_suspects_refuse_data_that_is_not_the_mask_competition(tmp_path):
+    rows = {"path": ["a.png", "b.png"], "group": ["g1", "g2"], "truth": [0, 1], "pred": [0, 1]}
+    pd.DataFrame({**rows, "prob_cat": [0.9, 0.2], "prob_dog": [0.1, 0.8]}).to_csv(tmp_path / "oof.csv", index=False)
+    done = run_script("runs.py", "--suspects", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --suspects needs mask-competition predictions")
+    assert not (tmp_path / "label_suspects.csv").exists()
+
+
+def write_color_persons(root, n_persons: int = 24, seed: int = 0):
+    """Persons in the competition layout whose gender is the image's red/blue tint and age band its green level:
+    easy enough that a 3-fold run of a few epochs learns both, so contradicted labels stand out."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for p in range(n_persons):
+        gender, band = p % 2, (p // 2) % 3
+        age = (20, 45, 70)[band]
+        folder = root / f"{p:06d}_{('male', 'female')[gender]}_Asian_{age}"
+        folder.mkdir(parents=True)
+        for stem in dataset.MASK_FILES:
+            base = np.array([60 + 140 * gender, 40 + 80 * band, 200 - 140 * gender], dtype=np.float64)
+            pixels = np.clip(base + rng.normal(0, 12, (32, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{stem}.png")
+    return root
+
+
+def test_persons_with_flipped_gender_labels_top_the_suspects_after_a_short_k_fold_run(tmp_path):
+    write_color_persons(tmp_path / "train/images")
+    (tmp_path / "flips.csv").write_text("id,field,value\n000004,gender,female\n000011,gender,male\n")
+    trained = run_script(
+        "train.py", "--data_dir", str(tmp_path / "train/images"), "--label_fixes", "flips.csv", "--fold", "all",
+        "--n_splits", "3", "--epochs", "4", "--resize", "32", "24", "--num_workers", "0", cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    found = run_script("runs.py", "--suspects", "model/exp", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    suspects = pd.read_csv(tmp_path / "model/exp/label_suspects.csv", dtype={"group": str})
+    top = suspects.head(2)
+    assert sorted(top["group"]) == ["000004", "000011"] and (top["field"] == "gender").all()
+    # The template proposes undoing the flips: the original genders.
+    template = pd.read_csv(tmp_path / "model/exp/label_fixes_template.csv", comment="#", dtype={"id": str})
+    proposed = dict(zip(template["id"], template["value"], strict=False))
+    assert proposed["000004"] == "male" and proposed["000011"] == "female"
