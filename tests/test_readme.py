@@ -27,7 +27,7 @@ def quick_start() -> list[str]:
 def example_commands() -> list[str]:
     """Every `python train.py ...` / `python inference.py ...` shown outside the Quick start."""
     rest = README.split("## Your data", 1)[1]
-    return re.findall(r"(?m)(?:^|`)(python (?:train|inference)\.py[^`\n]*)", rest)
+    return re.findall(r"(?m)(?:^|`)(python (?:train|inference|runs)\.py[^`\n]*)", rest)
 
 
 def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
@@ -77,6 +77,7 @@ def test_example_commands_run(command, demo_root, tmp_path):
         "/data/pets": write_folder_dataset(tmp_path / "pets"),
         "/data/labels.csv": write_label_csv(tmp_path / "pets", tmp_path / "labels.csv"),
         "../shared/data/maskdev/train/images": demo_root / "train/images",
+        "label_fixes.csv": write_label_fixes(demo_root, tmp_path / "label_fixes.csv"),
     }
     args = [str(paths.get(a, a)) for a in args]
     if args[0] == "train.py" and "--resume" in args:  # a run to resume: train one epoch of it, resume to two
@@ -85,6 +86,10 @@ def test_example_commands_run(command, demo_root, tmp_path):
         args += ["--epochs", "2"]
     elif args[0] == "train.py":
         args += ["--epochs", "1", "--resize", "64", "48"]
+    elif args[0] == "runs.py":  # runs to list, or a k-fold run to read suspects from
+        extra = ["--fold", "all", "--n_splits", "2"] if "--suspects" in args else []
+        name = Path(args[args.index("--suspects") + 1]).name if "--suspects" in args else "exp"
+        run_script("train.py", *tiny_run_args(demo_root, "--name", name, *extra), cwd=tmp_path)
     else:  # inference of runs named in the examples: train them first
         start = args.index("--model_dir") + 1
         names = [Path(a).name for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])]
@@ -92,6 +97,13 @@ def test_example_commands_run(command, demo_root, tmp_path):
             run_script("train.py", *tiny_run_args(demo_root, "--name", name), cwd=tmp_path)
     result = run_script(args[0], *args[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def write_label_fixes(demo_root: Path, path: Path) -> Path:
+    """A label-fix file for the demo data: the first person's gender, swapped."""
+    pid, gender = sorted((demo_root / "train/images").iterdir())[0].name.split("_")[:2]
+    path.write_text(f"id,field,value\n{pid},gender,{'female' if gender == 'male' else 'male'}\n")
+    return path
 
 
 def test_notebook_command_runs(demo_root, tmp_path, monkeypatch):
