@@ -244,3 +244,19 @@ def test_batch_augment_without_randomness_is_resize_and_normalize():
     torch.manual_seed(0)
     randomized = augmentation.BatchAugment((16, 12), (0.5,) * 3, (0.25,) * 3)(images)
     assert randomized.shape == (2, 3, 16, 12) and not torch.allclose(randomized, identity(images), atol=1e-2)
+
+
+def test_compile_that_fails_here_falls_back_to_eager_with_a_warning(monkeypatch, capsys):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+    def broken_compile(model):
+        return Broken()  # like torch.compile: fails only when first called
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = torch.nn.Linear(4, 2)
+    args = Namespace(compile=True, resize=[4, 1])
+    assert engine.maybe_compile(model, args, torch.device("cpu")) is model
+    assert "warning: --compile failed here (RuntimeError: no C++ compiler found)" in capsys.readouterr().err
+    assert engine.maybe_compile(model, Namespace(compile=False), torch.device("cpu")) is model
