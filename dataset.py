@@ -535,10 +535,13 @@ class ImageSubset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def pixels(self, i: int) -> np.ndarray:
+        """The i-th image before the transform: HxWx3 uint8 at `size`, from the cache when there is one."""
         j = int(self.indices[i])
-        pixels = self.cache[j] if self.cache is not None else decode_fixed(self.dataset.image_paths[j], self.size)
-        return self.transform(Image.fromarray(pixels)), int(self.targets[i])
+        return self.cache[j] if self.cache is not None else decode_fixed(self.dataset.image_paths[j], self.size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.pixels(i))), int(self.targets[i])
 
 
 class TestDataset(Dataset):

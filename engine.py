@@ -483,7 +483,7 @@ def fit(
                 if is_best:
                     utils.save_checkpoint(run_dir / "best.pth", **{**state(epoch, None, best_weights), "rng": None})
                     report.write_best_reports(
-                        run_dir, data, val_idx, val_set.targets, probs.numpy(), aug.load_size, writer, epoch
+                        run_dir, data, val_idx, val_set.targets, probs.numpy(), val_set.pixels, writer, epoch
                     )
                 utils.save_checkpoint(run_dir / "last.pth", **state(epoch, None, model))
             if stopping:

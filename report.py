@@ -168,10 +168,13 @@ def save_table(table: pd.DataFrame, path: Path) -> None:
     utils.atomic_write(path, lambda f: table.to_csv(f, index=False))
 
 
-def worst_figure(table: pd.DataFrame, class_names: Sequence[str], size: Sequence[int], n: int = 16) -> Any:
-    """The `n` validation images with the highest loss, each titled with truth, prediction and loss."""
+def worst_figure(
+    table: pd.DataFrame, class_names: Sequence[str], pixels: Callable[[int], np.ndarray], n: int = 16
+) -> Any:
+    """The `n` validation images with the highest loss, each titled with truth, prediction and loss;
+    `pixels(i)` is the image of the table's row i (the validation set's, so a cache is reused)."""
     worst = table.nlargest(n, "loss")
-    images = np.stack([dataset.decode_fixed(p, tuple(size)) for p in worst["path"]])
+    images = np.stack([pixels(int(i)) for i in worst.index])
     titles = [
         f"truth {class_names[t]}\npred {class_names[p]} (loss {loss:.2f})"
         for t, p, loss in zip(worst["truth"], worst["pred"], worst["loss"], strict=True)
@@ -185,7 +188,7 @@ def write_best_reports(
     indices: np.ndarray,
     targets: np.ndarray,
     probs: np.ndarray,
-    size: Sequence[int],
+    pixels: Callable[[int], np.ndarray],
     writer: Any = None,
     epoch: int = 0,
 ) -> None:
@@ -194,7 +197,7 @@ def write_best_reports(
     save_table(class_report(targets, probs.argmax(1), data.class_names), run_dir / "best_report.csv")
     table = predictions_table(data, indices, targets, probs)
     save_table(table, run_dir / "val_predictions.csv")
-    figure = worst_figure(table, data.class_names, size)
+    figure = worst_figure(table, data.class_names, pixels)
     utils.atomic_write(run_dir / "worst_val.png", lambda f: figure.savefig(f, format="png", dpi=80), binary=True)
     if writer is not None:
         writer.add_figure("Val/worst", figure, epoch)
