@@ -104,8 +104,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--augmentation",
-        default="BaseAugmentation",
-        help=f"augmentation preset in augmentation.py. {utils.describe(augmentation_module.augmentation_classes())}",
+        default=None,
+        help="augmentation preset in augmentation.py (default: FaceAugmentation for the mask datasets, else "
+        f"BaseAugmentation). {utils.describe(augmentation_module.augmentation_classes())}",
     )
     data.add_argument(
         "--cache",
@@ -167,8 +168,9 @@ def get_parser() -> argparse.ArgumentParser:
     net = p.add_argument_group("model")
     net.add_argument(
         "--model",
-        default="BaseModel",
-        help=f"any timm architecture name, or a class in model.py. {utils.describe(model_module.model_classes())}",
+        default=None,
+        help="any timm architecture name, or a class in model.py (default: MultiHeadModel for the mask datasets, "
+        f"else BaseModel). {utils.describe(model_module.model_classes())}",
     )
     net.add_argument(
         "--pretrained",
@@ -184,7 +186,7 @@ def get_parser() -> argparse.ArgumentParser:
     )
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--epochs", type=int, default=12, help="passes over the training split")
+    opt.add_argument("--epochs", type=int, default=24, help="passes over the training split")
     opt.add_argument("--batch_size", type=int, default=64, help="training images per step (per process)")
     opt.add_argument("--valid_batch_size", type=int, default=256, help="images per validation batch")
     opt.add_argument("--optimizer", default="AdamW", help="class name in torch.optim")
@@ -331,11 +333,12 @@ def check_args(args: Namespace) -> None:
         ("--augmentation", augmentation_module.augmentation_classes()),
     ):
         value = getattr(args, flag[2:])
-        if value not in classes:
+        if value is not None and value not in classes:
             raise UserError(utils.unknown_name_message(flag, value, classes))
     if args.optimizer not in schedule.optimizer_names():
         raise UserError(utils.unknown_name_message("--optimizer", args.optimizer, schedule.optimizer_names()))
-    model_module.check_model_name(args.model)
+    if args.model is not None:
+        model_module.check_model_name(args.model)
     if args.backbone:
         model_module.check_backbone_name(args.backbone)
     loss_module.check_criterion_name(args.criterion)
@@ -447,6 +450,11 @@ def train(
     utils.seed_everything(args.seed)
     data_cls = dataset_classes()[args.dataset]
     data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
+    # Defaults by data: the mask datasets get the face crop and the mask/gender/age heads (measured on real faces,
+    # README's Results), any other data a plain resize and a single head.
+    mask_data = isinstance(data, dataset_module.MaskBaseDataset)
+    args.model = args.model or ("MultiHeadModel" if mask_data else "BaseModel")
+    args.augmentation = args.augmentation or ("FaceAugmentation" if mask_data else "BaseAugmentation")
     aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
     if args.mean_std == "compute":
         load_size = aug_cls(resize=args.resize, mean=(0, 0, 0), std=(1, 1, 1)).load_size

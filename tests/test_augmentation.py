@@ -55,6 +55,17 @@ def test_normalize_uses_the_given_mean_std(photo):
     assert torch.allclose(aug.eval_transform(flat), torch.full((3, H, W), (128 / 255 - 0.5) / 0.25), atol=1e-5)
 
 
+def test_normalized_tensor_equals_torchvision_to_tensor_then_normalize(photo):
+    from torchvision import transforms
+
+    mean, std = (0.2, 0.5, 0.7), (0.1, 0.3, 0.25)
+    expected = transforms.Normalize(mean, std)(transforms.ToTensor()(photo))
+    out = augmentation.ToNormalizedTensor(mean, std)(photo)
+    assert out.shape == expected.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.equal(out[0], out[1])  # channels keep their own mean and std
+
+
 def test_draft_decoding_matches_full_decoding_after_resize(tmp_path):
     yy, xx = np.mgrid[0:512, 0:384]
     smooth = np.stack([yy / 2, xx / 1.5, 128 + 100 * np.sin(yy / 40) * np.cos(xx / 30)], -1).astype(np.uint8)

@@ -61,10 +61,11 @@ def test_gathered_validation_covers_every_image_once_and_equals_a_single_process
     checkpoint = utils.load_checkpoint(run / "best.pth")
     net = model_module.build_model(config["model"], config["num_classes"])
     net.load_state_dict(checkpoint["model"])
-    aug = augmentation.BaseAugmentation(config["resize"], config["mean"], config["std"])
+    aug_cls = augmentation.augmentation_classes()[config["augmentation"]]
+    aug = aug_cls(config["resize"], config["mean"], config["std"])
     subset = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
     loader = torch.utils.data.DataLoader(subset, batch_size=8)
-    preds = utils.predict(net, loader, torch.device("cpu")).argmax(1).numpy()
+    preds = model_module.to_class_logits(utils.predict(net, loader, torch.device("cpu")), net).argmax(1).numpy()
     log = pd.read_csv(run / "log.csv")
     best = log.loc[log["best"], "val_f1"].iloc[-1]
     assert utils.macro_f1(subset.targets, preds, 18) == pytest.approx(best)

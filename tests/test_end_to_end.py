@@ -44,7 +44,7 @@ def test_config_records_what_inference_needs(trained):
     assert config["resize"] == [64, 48] and config["num_classes"] == 18
     assert config["class_names"] == dataset.mask_class_names()
     assert len(config["mean"]) == 3 and len(config["std"]) == 3
-    assert config["model"] == "BaseModel" and config["augmentation"]
+    assert config["model"] == "MultiHeadModel" and config["augmentation"] == "FaceAugmentation"  # mask-data defaults
     assert "torch" in config["versions"]
     assert config["val_images"] == 3 * 7  # 25% of 12 persons, every photo, no drop_last
 
@@ -72,7 +72,8 @@ def test_logged_validation_f1_is_over_every_validation_image(trained, demo_root)
     aug = getattr(augmentation, config["augmentation"])(config["resize"], config["mean"], config["std"])
     _, val_idx = data.split_dataset()
     val = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
-    logits = utils.predict(net, torch.utils.data.DataLoader(val, batch_size=5), torch.device("cpu"))
+    outputs = utils.predict(net, torch.utils.data.DataLoader(val, batch_size=5), torch.device("cpu"))
+    logits = model.to_class_logits(outputs, net)  # the multi-head default's three heads -> 18 classes
     assert len(logits) == 21
     f1 = utils.macro_f1(val.targets, logits.argmax(1).numpy(), 18)
     assert f1 == pytest.approx(best["best_score"], abs=1e-6)
@@ -107,15 +108,22 @@ def test_inference_defaults_find_the_newest_run_and_its_eval_data(trained, demo_
     assert len(pd.read_csv(cwd / "output/output.csv")) == 14
 
 
-def test_inference_rejects_a_checkpoint_with_another_class_count(trained, tmp_path):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_classes": 3}, "only for the 18 mask classes"),  # the multi-head default cannot have 3 classes
+        ({"model": "BaseModel", "num_classes": 3}, "does not match the model"),  # weights of another model
+    ],
+)
+def test_inference_rejects_a_checkpoint_with_another_class_count(trained, tmp_path, change, message):
     _, run, _ = trained
     broken = tmp_path / "run"
     broken.mkdir()
     config = json.loads((run / "config.json").read_text())
-    (broken / "config.json").write_text(json.dumps({**config, "num_classes": 3}))
+    (broken / "config.json").write_text(json.dumps({**config, **change}))
     (broken / "best.pth").write_bytes((run / "best.pth").read_bytes())
     result = run_script("inference.py", "--model_dir", str(broken), cwd=tmp_path)
-    assert result.returncode == 2 and "does not match the model" in result.stderr
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "output").exists()
 
 

@@ -55,6 +55,7 @@ def test_folder_per_class_data_trains_and_predicts_with_two_commands(tmp_path):
     assert trained.returncode == 0, trained.stderr
     config = pd.read_json(tmp_path / "model/exp/config.json", typ="series")
     assert config["class_names"] == ["cat", "dog"]
+    assert (config["model"], config["augmentation"]) == ("BaseModel", "BaseAugmentation")  # not the face defaults
     inferred = run_script("inference.py", "--data_dir", str(tmp_path / "pets"), "--ans_format", "name", cwd=tmp_path)
     assert inferred.returncode == 0, inferred.stderr
     submission = pd.read_csv(tmp_path / "output/output.csv")
