@@ -1,0 +1,246 @@
+"""Peak memory of the training loader's processes (main + workers) with the RAM cache, for several worker counts.
+
+    .venv/bin/python bench/bench_memory.py                         # 1400 images; 0, 2 and 4 workers
+    .venv/bin/python bench/bench_memory.py --n 7000 --workers 0 1 2 4 8 --seconds 5
+
+Each worker count runs in a fresh Python process that builds a RamCache, makes the training loader as engine.fit
+does (BaseAugmentation, train.py's loader defaults) and iterates epochs, reading every batch, for at least --epochs
+epochs and --seconds seconds. Meanwhile this process, which never imports torch, samples the PSS (proportional set
+size: a page shared by k processes counts 1/k to each) of that process and of its workers from
+/proc/<pid>/smaps_rollup. Summed PSS counts every page once, so a cache the workers share through fork counts once
+whatever their number, while a copied cache would add its size per worker. What does grow per worker is its own
+private memory and the batches in flight (up to prefetch_factor batches per worker, in shared memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MiB = 2**20
+RESIZE = (128, 96)  # (H, W) network input, train.py's default --resize
+START, END = "epochs start", "epochs end"  # what the child prints around its epochs
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """utils.HelpFormatter, repeated here: importing utils would load torch into the sampling process."""
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """Fields of /proc/<pid>/smaps_rollup in bytes (Pss, Private_Dirty, ...); empty if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    fields = {}
+    for line in text.splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def child_pids(pid: int) -> list[int]:
+    """Every descendant of `pid` (the loader workers): through psutil when installed, else /proc."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found + [d for c in found for d in child_pids(c)]
+
+
+def sample(pid: int) -> dict[str, float]:
+    """Summed PSS of `pid` and its descendants, the main process's part, a worker's mean PSS and mean private
+    memory (pages no other process maps: where a copied cache would show), and the shared-memory PSS of all."""
+    main = smaps_rollup(pid)
+    workers = [f for f in (smaps_rollup(p) for p in child_pids(pid)) if f]
+    n = max(1, len(workers))
+    return {
+        "total": main.get("Pss", 0) + sum(f["Pss"] for f in workers),
+        "main": main.get("Pss", 0),
+        "workers": len(workers),
+        "worker_pss": sum(f["Pss"] for f in workers) / n,
+        "worker_private": sum(f["Private_Clean"] + f["Private_Dirty"] for f in workers) / n,
+        "shmem": main.get("Pss_Shmem", 0) + sum(f["Pss_Shmem"] for f in workers),
+    }
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Child mode: build the cache and the loader with --child workers, iterate epochs between the START and END
+    lines, then print one JSON line."""
+    # Imported here, not at the top: the sampling parent never loads torch, so it shares no library page with
+    # the measured processes (which would take part of their PSS out of the measurement).
+    import functools
+    import warnings
+
+    import numpy as np
+    import torch
+
+    import cache as cache_module
+    import dataset as dataset_module
+    import engine
+    import train
+    from augmentation import BaseAugmentation
+
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: on purpose
+    workers = args.child
+    aug = BaseAugmentation(RESIZE, dataset_module.SEED_MEAN, dataset_module.SEED_STD)
+    data = dataset_module.MaskSplitByProfileDataset(args.data_dir)
+    decode = functools.partial(dataset_module.decode_fixed, size=aug.load_size)
+    ram = cache_module.RamCache([str(p) for p in data.image_paths], aug.load_size, decode, workers=workers + 1)
+    flags = ["--num_workers", str(workers), "--batch_size", str(args.batch_size), "--resize", *map(str, RESIZE)]
+    train_args = train.get_parser().parse_args(flags)
+    subset = dataset_module.ImageSubset(data, np.arange(len(data)), aug.train_transform, aug.load_size, cache=ram)
+    sampler = engine.EpochSampler(len(subset), train_args.seed)  # the training loader, as engine.fit makes it
+    loader = engine.make_loader(subset, args.batch_size, train_args, torch.device("cpu"), sampler)
+
+    before = smaps_rollup(os.getpid())["Pss"]  # cache built, no worker started yet
+    print(START, flush=True)
+    start, epochs, checksum = time.perf_counter(), 0, 0.0
+    while epochs < args.epochs or time.perf_counter() - start < args.seconds:
+        sampler.set_epoch(epochs)
+        for images, _targets in loader:
+            checksum += float(images.mean())  # read every batch, as a training step would
+        epochs += 1
+    seconds = time.perf_counter() - start
+    print(END, flush=True)
+    result = {
+        "before": before,
+        "cache": ram.images.nbytes,
+        "images": len(ram),
+        "epoch_s": seconds / epochs,
+        "epochs": epochs,
+        "prefetch": train_args.prefetch_factor,
+        "start_method": torch.multiprocessing.get_start_method(),
+        "checksum": checksum,
+    }
+    print(json.dumps(result), flush=True)
+
+
+def run_child(command: list[str], interval: float) -> dict[str, float]:
+    """Run one measuring child; sample its processes every `interval` seconds between its START and END lines.
+    Returns its JSON result with the peak sample (by summed PSS) and the number of samples added."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.strip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while START not in lines and proc.poll() is None:
+        time.sleep(0.01)
+    peak, samples = {"total": 0.0}, 0
+    while END not in lines and proc.poll() is None:
+        now = sample(proc.pid)
+        samples += 1
+        if now["total"] > peak["total"]:
+            peak = now
+        time.sleep(interval)
+    proc.wait()
+    reader.join()
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"the measuring process failed (exit code {proc.returncode}): {' '.join(command)}")
+    if samples == 0:
+        raise SystemExit("the epochs ended before the first memory sample: give a larger --seconds or --n")
+    return {**json.loads(lines[-1]), **peak, "samples": samples}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--n", type=int, default=1400, help="images to generate, rounded up to persons of 7")
+    data.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="worker counts, one process each")
+    data.add_argument("--batch_size", type=int, default=64, help="images per batch")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--epochs", type=int, default=2, help="at least this many epochs while sampling")
+    sampling.add_argument("--seconds", type=float, default=3.0, help="and at least this many seconds")
+    sampling.add_argument("--interval", type=float, default=0.01, help="seconds between memory samples")
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # internal: measure one worker count
+    p.add_argument("--data_dir", default=None, help=argparse.SUPPRESS)  # internal: the child's images
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.child is not None:
+        measure(args)
+        return
+    if args.n < 1 or args.batch_size < 1 or args.epochs < 1 or min(args.workers) < 0:
+        raise SystemExit("--n, --batch_size and --epochs must be at least 1 and every --workers at least 0")
+    if not Path("/proc/self/smaps_rollup").is_file():
+        raise SystemExit("this benchmark reads /proc/<pid>/smaps_rollup: it needs Linux 4.14 or later")
+    try:
+        import psutil  # noqa: F401
+
+        finder = "psutil"
+    except ImportError:
+        finder = "/proc/<pid>/task/*/children"
+    persons = -(-args.n // 7)
+    load_avg = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        start = time.perf_counter()
+        generate = "import sys, demo; demo.make_demo_data(sys.argv[1], n_train=int(sys.argv[2]), n_eval=0, seed=0)"
+        subprocess.run([sys.executable, "-c", generate, str(root), str(persons)], cwd=REPO, check=True)
+        print(f"wrote {persons * 7} JPEGs in {time.perf_counter() - start:.1f}s", flush=True)
+        results = []
+        for workers in args.workers:
+            command = [sys.executable, __file__, "--child", str(workers), "--data_dir", str(root / "train/images")]
+            command += ["--batch_size", str(args.batch_size), "--epochs", str(args.epochs)]
+            command += ["--seconds", str(args.seconds)]
+            results.append((workers, run_child(command, args.interval)))
+
+    first = results[0][1]
+    h, w = RESIZE
+    batch_mib = args.batch_size * 3 * h * w * 4 / MiB
+    print(
+        f"{first['images']} images | batch {args.batch_size} ({batch_mib:.1f} MiB of float32) | "
+        f"start method {first['start_method']} | prefetch {first['prefetch']} | children found with {finder} | "
+        f"{os.cpu_count()} CPUs | load average {load_avg:.2f} at start, {os.getloadavg()[0]:.2f} at the end"
+    )
+    print(f"RAM cache: {first['images']} x {h} x {w} x 3 B = {first['cache'] / MiB:.1f} MiB\n")
+    print(
+        f"{'workers':>7} {'peak PSS':>9} {'vs 0':>7} {'main':>7} {'per worker':>11} {'private':>8} {'shmem':>6} "
+        f"{'in flight':>10} {'before':>7} {'samples':>8} {'epochs':>7} {'epoch s':>8}"
+    )
+    base = results[0][1]["total"]
+    for workers, r in results:
+        in_flight = workers * r["prefetch"] * batch_mib
+        print(
+            f"{workers:7d} {r['total'] / MiB:9.1f} {(r['total'] - base) / MiB:+7.1f} {r['main'] / MiB:7.1f} "
+            f"{r['worker_pss'] / MiB:11.1f} {r['worker_private'] / MiB:8.1f} {r['shmem'] / MiB:6.1f} {in_flight:10.1f} "
+            f"{r['before'] / MiB:7.1f} {r['samples']:8d} {r['epochs']:7d} {r['epoch_s']:8.2f}"
+        )
+    print(
+        "\nMiB. peak PSS: the largest sum over main + workers among the samples; vs 0: its growth over the first row; "
+        "at that sample: main (PSS of the main process), per worker (mean PSS of a worker), private (mean memory "
+        "of a worker that no other process maps, batches it is filling included), shmem (shared-memory PSS of all: "
+        "the batches in flight); in flight: the most batch memory the workers can hold (workers x prefetch x "
+        "batch); before: the main process once the cache is built. A copied cache would add "
+        f"{first['cache'] / MiB:.1f} MiB of private memory to every worker."
+    )
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,165 @@
+"""Training throughput fed by our DataLoader (RAM cache on) against the same loop fed by batches already in memory.
+
+    .venv/bin/python bench/bench_train.py                                  # BaseModel and mobilenetv3_small_100
+    .venv/bin/python bench/bench_train.py --models resnet18 --steps 30 --workers 2
+
+The loader is engine.make_loader with train.py's flag defaults (persistent workers, prefetch, EpochSampler order)
+over an ImageSubset of BaseAugmentation's train_transform reading a RamCache, as engine.fit builds it. The in-memory
+feed cycles through one epoch of batches taken from that loader beforehand. Both feeds run the same step (forward,
+cross-entropy, zero_grad, backward, AdamW) on a freshly initialised model, --warmup untimed steps first. A ratio
+near 1 means the data path costs the training loop nothing; below 1, the loop waited for batches or the workers
+took CPU time from the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import cache as cache_module
+import dataset as dataset_module
+import demo
+import engine
+import model as model_module
+import train
+import utils
+from augmentation import BaseAugmentation
+
+RESIZE = (128, 96)  # (H, W) network input, train.py's default --resize
+
+
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """One optimisation step, the body of train.py's loop; both feeds call exactly this."""
+    outputs = model(images)
+    loss = F.cross_entropy(outputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def training_loader(subset: Dataset, batch_size: int, train_args: argparse.Namespace) -> DataLoader:
+    """The training loader as engine.fit builds it in a single process: train.py's flags, EpochSampler order."""
+    sampler = engine.EpochSampler(len(subset), train_args.seed)
+    return engine.make_loader(subset, batch_size, train_args, torch.device("cpu"), sampler)
+
+
+def forever(batches: Iterable) -> Iterator:
+    """Endless batches: the loader restarts its epoch (its persistent workers stay up), a list starts over."""
+    while True:
+        yield from batches
+
+
+def images_per_second(
+    name: str, feeds: dict[str, Iterator], steps: int, warmup: int, rounds: int, seed: int
+) -> dict[str, float]:
+    """Train one fresh `name` per feed (same initial weights) for `warmup` untimed steps, then `steps` timed steps
+    in `rounds` alternating blocks, so that a change in background load hits every feed alike; images/s per feed."""
+    runs = {}
+    for feed in feeds:
+        torch.manual_seed(seed)
+        model = model_module.build_model(name, 18).train()
+        runs[feed] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    for feed, batches in feeds.items():
+        for images, targets in itertools.islice(batches, warmup):
+            train_step(*runs[feed], images, targets)
+    seconds, counts = dict.fromkeys(feeds, 0.0), dict.fromkeys(feeds, 0)
+    for block in range(rounds):
+        block_steps = steps // rounds + (block < steps % rounds)
+        for feed, batches in feeds.items():
+            start = time.perf_counter()
+            for images, targets in itertools.islice(batches, block_steps):
+                train_step(*runs[feed], images, targets)
+                counts[feed] += len(images)
+            seconds[feed] += time.perf_counter() - start
+    return {feed: counts[feed] / seconds[feed] for feed in feeds}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--n", type=int, default=1400, help="images to generate, rounded up to persons of 7")
+    data.add_argument(
+        "--workers", type=int, default=None, help="DataLoader worker processes; None: train.py's (CPU cores - 1)"
+    )
+    data.add_argument("--batch_size", type=int, default=64, help="images per step")
+    net = p.add_argument_group("model")
+    net.add_argument(
+        "--models", nargs="+", default=["BaseModel", "mobilenetv3_small_100"], help="model.py classes or timm names"
+    )
+    net.add_argument("--seed", type=int, default=0, help="seed of the models' initialisation")
+    net.add_argument("--threads", type=int, default=None, help="torch threads of the training process; None: torch's")
+    timing = p.add_argument_group("timing")
+    timing.add_argument("--steps", type=int, default=60, help="timed training steps per model and feed")
+    timing.add_argument("--warmup", type=int, default=5, help="untimed steps per feed first (worker start, allocator)")
+    timing.add_argument(
+        "--rounds", type=int, default=3, help="blocks the timed steps are split into, feeds alternating"
+    )
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.n < 1 or args.batch_size < 1 or args.steps < args.rounds or args.rounds < 1 or args.warmup < 0:
+        raise SystemExit("--n, --batch_size and --rounds must be at least 1, --steps at least --rounds, --warmup >= 0")
+    for name in args.models:
+        model_module.check_model_name(name)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    flags = ["--batch_size", str(args.batch_size), "--resize", *map(str, RESIZE), "--seed", str(args.seed)]
+    if args.workers is not None:
+        flags += ["--num_workers", str(args.workers)]
+    train_args = train.get_parser().parse_args(flags)  # train.py's loader settings, as a plain run resolves them
+    mean, std = dataset_module.SEED_MEAN, dataset_module.SEED_STD
+    aug = BaseAugmentation(RESIZE, mean, std)
+    load_avg = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        demo.make_demo_data(Path(tmp) / "data", n_train=-(-args.n // 7), n_eval=0, seed=0)
+        data = dataset_module.MaskSplitByProfileDataset(Path(tmp) / "data/train/images")
+        print(f"wrote {len(data)} JPEGs in {time.perf_counter() - start:.1f}s")
+        decode = functools.partial(dataset_module.decode_fixed, size=aug.load_size)
+        paths = [str(p) for p in data.image_paths]
+        ram = cache_module.RamCache(paths, aug.load_size, decode, workers=train_args.num_workers + 1)
+        print(ram.report)
+
+    subset = dataset_module.ImageSubset(data, np.arange(len(data)), aug.train_transform, aug.load_size, cache=ram)
+    loader = training_loader(subset, args.batch_size, train_args)
+    in_memory = list(loader)  # one epoch of ready batches
+    loader_feed = forever(loader)
+    print(
+        f"{len(data)} images | batch {args.batch_size} | {train_args.num_workers} workers "
+        f"(persistent {train_args.persistent_workers}, prefetch {train_args.prefetch_factor}) | "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads | {os.cpu_count()} CPUs | "
+        f"load average {load_avg:.2f} at start"
+    )
+    print(
+        f"{args.warmup} warm-up + {args.steps} timed steps per feed, timed in {args.rounds} blocks that alternate "
+        "in memory, loader, in memory, ...\n"
+    )
+    print(f"{'model':<24} {'in memory':>10} {'loader':>10} {'loader/in memory':>17}   (images/s)")
+    for name in args.models:
+        feeds = {"in memory": forever(in_memory), "loader": loader_feed}
+        rates = images_per_second(name, feeds, args.steps, args.warmup, args.rounds, args.seed)
+        memory_rate, loader_rate = rates["in memory"], rates["loader"]
+        print(f"{name:<24} {memory_rate:10.1f} {loader_rate:10.1f} {loader_rate / memory_rate:17.2f}", flush=True)
+    print(f"\ntarget: loader/in memory >= 0.9 | load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
