@@ -405,6 +405,8 @@ def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, 
     checkpoint = utils.load_checkpoint(path)
     if "rng" not in checkpoint:
         raise UserError(f"--resume {path} holds no training state (only weights): resume from a run's last.pth")
+    # The run continues where its checkpoint is now, not where it was written: runs get moved and copied.
+    checkpoint["config"]["run_dir"] = str(path.parent)
     config = checkpoint["config"]
     given = given_flags(argv) - {"resume"}
     merged = {k: config[k] for k in vars(args) if k in config}

@@ -260,3 +260,16 @@ def test_compile_that_fails_here_falls_back_to_eager_with_a_warning(monkeypatch,
     assert engine.maybe_compile(model, args, torch.device("cpu")) is model
     assert "warning: --compile failed here (RuntimeError: no C++ compiler found)" in capsys.readouterr().err
     assert engine.maybe_compile(model, Namespace(compile=False), torch.device("cpu")) is model
+
+
+def test_a_moved_run_resumes_where_it_is_now_and_leaves_the_original_alone(demo_root, tmp_path):
+    import shutil
+
+    first = train.main(train.get_parser().parse_args(tiny_args(demo_root, tmp_path, "--epochs", "1")), argv=[])
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    argv = ["--resume", str(moved), "--epochs", "2"]
+    assert train.main(train.get_parser().parse_args(argv), argv=argv) == moved
+    assert pd.read_csv(moved / "log.csv")["epoch"].tolist() == [1, 2]
+    assert utils.load_checkpoint(moved / "last.pth")["config"]["run_dir"] == str(moved)
+    assert pd.read_csv(first / "log.csv")["epoch"].tolist() == [1]  # the original is untouched
