@@ -67,7 +67,7 @@ def test_quick_start_run_command_trains_and_writes_a_submission(tmp_path):
 
 
 @pytest.mark.parametrize("command", example_commands())
-def test_example_commands_run(command, demo_root, tmp_path):
+def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
     """Each example, on the tiny demo data, shortened to one small epoch; the numbers are in the Results table."""
     args = shlex.split(command)[1:]
     paths = {
@@ -82,23 +82,41 @@ def test_example_commands_run(command, demo_root, tmp_path):
     if "efficientnet_b0.safetensors" in args:  # the GPU recipe's local weights: timm's backbone, as downloaded
         paths["efficientnet_b0.safetensors"] = write_timm_weights("efficientnet_b0", tmp_path / "weights.safetensors")
     args = [str(paths.get(a, a)) for a in args]
-    if args[0] == "train.py" and "--resume" in args:  # a run to resume: train one epoch of it, resume to two
-        name = Path(args[args.index("--resume") + 1]).name
-        run_script("train.py", *tiny_run_args(demo_root, "--name", name), cwd=tmp_path)
+    if args[0] == "train.py" and "--resume" in args:  # a run to resume: one epoch of it, resumed to two
+        copy_run(tiny_runs("plain"), tmp_path, Path(args[args.index("--resume") + 1]).name)
         args += ["--epochs", "2"]
     elif args[0] == "train.py":
         args += ["--epochs", "1", "--resize", "64", "48"]
     elif args[0] == "runs.py":  # runs to list, or a k-fold run to read suspects from
-        extra = ["--fold", "all", "--n_splits", "2"] if "--suspects" in args else []
         name = Path(args[args.index("--suspects") + 1]).name if "--suspects" in args else "exp"
-        run_script("train.py", *tiny_run_args(demo_root, "--name", name, *extra), cwd=tmp_path)
-    else:  # inference of runs named in the examples: train them first
+        copy_run(tiny_runs("kfold" if "--suspects" in args else "plain"), tmp_path, name)
+    else:  # inference of runs named in the examples: one-epoch runs of that kind, trained once per module
         start = args.index("--model_dir") + 1
-        names = [Path(a).name for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])]
-        for name in names:
-            run_script("train.py", *tiny_run_args(demo_root, "--name", name), cwd=tmp_path)
+        for name in (Path(a).name for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])):
+            copy_run(tiny_runs("kfold" if name == "kfold" else "plain"), tmp_path, name)
     result = run_script(args[0], *args[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(demo_root, tmp_path_factory):
+    """tiny_runs(kind): a one-epoch run on the tiny demo data, trained on first use ("plain", or "kfold": two
+    folds with oof.csv), which the examples copy under the names they use."""
+    root, runs = tmp_path_factory.mktemp("runs"), {}
+
+    def get(kind: str) -> Path:
+        if kind not in runs:
+            extra = ["--fold", "all", "--n_splits", "2"] if kind == "kfold" else []
+            done = run_script("train.py", *tiny_run_args(demo_root, "--name", kind, *extra), cwd=root)
+            assert done.returncode == 0, done.stderr
+            runs[kind] = root / "model" / kind
+        return runs[kind]
+
+    return get
+
+
+def copy_run(run: Path, cwd: Path, name: str) -> None:
+    shutil.copytree(run, cwd / "model" / name)
 
 
 def write_timm_weights(name: str, path: Path) -> Path:
