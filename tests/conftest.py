@@ -14,6 +14,13 @@ sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
 
+SLOWEST = ("test_quick_start_run_command_trains_and_writes_a_submission",)  # minutes: the README's full demo run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest tests first, so that parallel workers (pytest-xdist) share the rest while they run."""
+    items.sort(key=lambda item: item.name not in SLOWEST)
+
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
