@@ -97,34 +97,33 @@ class CustomAugmentation(BaseAugmentation):
             CenterCropFraction(self.crop_fraction),
             transforms.Resize((h, w), interpolation=transforms.InterpolationMode.BILINEAR),
         ]
-        tail = [ToNormalizedTensor(mean, std)]
+        normalize = ToNormalizedTensor(mean, std)
         self.train_transform = transforms.Compose(
-            [*crop_resize, transforms.ColorJitter(0.1, 0.1, 0.1, 0.1), *tail, AddGaussianNoise(std=0.05)]
+            [*crop_resize, *self.random_image_steps(), normalize, *self.random_tensor_steps()]
         )
-        self.eval_transform = transforms.Compose([*crop_resize, *tail])
+        self.eval_transform = transforms.Compose([*crop_resize, normalize])
+
+    def random_image_steps(self) -> list[Any]:
+        """Training-only transforms of the cropped, resized PIL image."""
+        return [transforms.ColorJitter(0.1, 0.1, 0.1, 0.1)]
+
+    def random_tensor_steps(self) -> list[Any]:
+        """Training-only transforms of the normalized tensor."""
+        return [AddGaussianNoise(std=0.05)]
 
 
 class FaceAugmentation(CustomAugmentation):
     """CustomAugmentation's face crop, then flips, small shifts/zooms and color jitter (cheap, in loader workers)."""
 
-    def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
-        super().__init__(resize, mean, std)
-        h, w = resize
-        crop_resize = [
-            CenterCropFraction(self.crop_fraction),
-            transforms.Resize((h, w), interpolation=transforms.InterpolationMode.BILINEAR),
+    def random_image_steps(self) -> list[Any]:
+        return [
+            transforms.RandomHorizontalFlip(),  # faces are left-right symmetric; labels do not change
+            transforms.RandomAffine(degrees=0, translate=(0.06, 0.06), scale=(0.9, 1.1)),
+            transforms.ColorJitter(0.2, 0.2, 0.2),
         ]
-        tail = [ToNormalizedTensor(mean, std)]
-        self.train_transform = transforms.Compose(
-            [
-                *crop_resize,
-                transforms.RandomHorizontalFlip(),  # faces are left-right symmetric; labels do not change
-                transforms.RandomAffine(degrees=0, translate=(0.06, 0.06), scale=(0.9, 1.1)),
-                transforms.ColorJitter(0.2, 0.2, 0.2),
-                *tail,
-            ]
-        )
-        self.eval_transform = transforms.Compose([*crop_resize, *tail])
+
+    def random_tensor_steps(self) -> list[Any]:
+        return []
 
 
 class AlbumentationsAugmentation(BaseAugmentation):
