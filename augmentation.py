@@ -29,6 +29,8 @@ import utils
 class AddGaussianNoise:
     """Add N(mean, std) noise to a tensor (after normalization, so `std` is in units of the data's std)."""
 
+    batchwise = True  # on a batch it draws independent noise per image, as it would image by image
+
     def __init__(self, mean: float = 0.0, std: float = 0.05) -> None:
         self.mean, self.std = mean, std
 
@@ -49,11 +51,65 @@ class ToNormalizedTensor:
         self.shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)]).view(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = to_uint8_tensor(image).to(torch.float32, memory_format=torch.contiguous_format)
-        return pixels.mul_(self.scale).sub_(self.shift)
+        return self.on_batch(to_uint8_tensor(image))
+
+    def on_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The same for uint8 CHW or NCHW tensors, on whatever device they are: the same values as image by
+        image (one multiply and one subtract per value, in the same order)."""
+        x = pixels.to(torch.float32, memory_format=torch.contiguous_format)
+        return x.mul_(self.scale.to(x.device)).sub_(self.shift.to(x.device))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+class DeviceSteps:
+    """What `split_for_device` leaves to the training device: normalization, then batch-safe tensor steps."""
+
+    def __init__(self, normalize: ToNormalizedTensor, steps: Sequence[Any]) -> None:
+        self.normalize, self.steps = normalize, list(steps)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize.on_batch(images)
+        for step in self.steps:
+            x = step(x)
+        return x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, [self.normalize, *self.steps]))})"
+
+
+def split_for_device(transform: Any) -> tuple[Any, DeviceSteps | None]:
+    """(loader transform, device steps) of a preset's transform.
+
+    When it is a Compose ending in ToNormalizedTensor, followed only by steps marked `batchwise` (random per
+    image even on a batch, like AddGaussianNoise), the loader workers stop before the normalization and hand
+    over uint8 pixels (4x fewer bytes than float32), and the returned DeviceSteps normalizes whole batches on
+    the device: the same tensors for a quarter of the hand-over. Any other transform is kept whole (None):
+    a step such as RandomErasing would erase the same box in every image of a batch.
+    """
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, transforms.Compose) or steps is None:
+        return transform, None
+    for k, step in enumerate(steps):
+        if isinstance(step, ToNormalizedTensor):
+            rest = steps[k + 1 :]
+            if not all(getattr(s, "batchwise", False) for s in rest):
+                break
+            return transforms.Compose([*steps[:k], to_uint8_tensor]), DeviceSteps(step, rest)
+    return transform, None
+
+
+def passes_pixels_through(transform: Any, size: Sequence[int]) -> bool:
+    """True when `transform` returns an image of `size` (H, W) as its own pixels in a CHW uint8 tensor:
+    to_uint8_tensor, after at most Resizes to that same size (the loader part of BaseAugmentation from
+    split_for_device, or --gpu_aug's). A loader can then skip it and copy whole batches out of a RAM cache."""
+    steps = transform.transforms if isinstance(transform, transforms.Compose) else [transform]
+    *head, last = steps
+    return last is to_uint8_tensor and all(
+        isinstance(step, transforms.Resize) and isinstance(step.size, list | tuple) and list(step.size) == list(size)
+        for step in head
+    )
 
 
 class CenterCropFraction:
@@ -174,9 +230,9 @@ class _AlbumentationsCall:
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> CHW uint8 tensor: what the training loader returns with --gpu_aug (4x fewer bytes than
-    float, and the augmentation then runs on the device)."""
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    """PIL image -> CHW uint8 tensor: what the loaders hand over when the normalization (and with
+    --gpu_aug the augmentation) runs on the device, 4x fewer bytes than float32."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # a CHW view of HWC memory: one copy
 
 
 class BatchAugment:

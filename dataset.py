@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+import augmentation
 import utils
 from imaging import compute_mean_std as compute_mean_std  # re-exported: callers use dataset.compute_mean_std
 from imaging import decode_fixed, load_image
@@ -531,6 +532,9 @@ class ImageSubset(Dataset):
         self.cache = cache  # cache.RamCache / DiskCache over the dataset's images, or None
         assert cache is None or cache[0].shape[:2] == self.size, "the cache holds images of the size decoded here"
         self.targets = np.asarray(dataset.labels)[self.indices]
+        # When the transform would return the decoded pixels unchanged, batches skip it (see __getitems__).
+        self.pixels_only = augmentation.passes_pixels_through(transform, self.size)
+        self.gather = self.pixels_only and hasattr(cache, "images")  # and a batch is one copy out of memory
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -542,6 +546,18 @@ class ImageSubset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(Image.fromarray(self.pixels(i))), int(self.targets[i])
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """The samples of one batch, as a DataLoader fetches them: the same as `[self[i] for i in items]`, with
+        the pixels of a pixels-only transform stacked directly (from a RAM cache: one copy)."""
+        if not self.pixels_only:
+            return [self[i] for i in items]
+        rows = np.asarray(items, dtype=np.int64)
+        if self.gather:
+            pixels = self.cache.images[self.indices[rows]]
+        else:
+            pixels = np.stack([self.pixels(i) for i in rows])
+        return list(zip(torch.from_numpy(pixels).permute(0, 3, 1, 2), self.targets[rows].tolist(), strict=True))
 
 
 class TestDataset(Dataset):

@@ -248,6 +248,13 @@ def train_one_epoch(
 
 # ---------------------------------------------------------------------------------------------------
 # Loaders and the loop over epochs
+def loader_workers(subset: torch.utils.data.Dataset, num_workers: int) -> int:
+    """`num_workers`, or none when each batch is one copy out of the RAM cache (ImageSubset.gather): handing
+    batches over from worker processes costs more than making them (bench/bench_data.py)."""
+    base = subset.dataset if isinstance(subset, torch.utils.data.Subset) else subset
+    return 0 if getattr(base, "gather", False) else num_workers
+
+
 def make_loader(
     subset: torch.utils.data.Dataset,
     batch_size: int,
@@ -257,16 +264,17 @@ def make_loader(
 ) -> DataLoader:
     """A training loader (with `sampler`: the order is a function of seed and epoch, see EpochSampler) or a
     validation loader (in order, every image once)."""
+    workers = loader_workers(subset, args.num_workers)
     return DataLoader(
         subset,
         batch_size=batch_size,
         sampler=sampler,
         # A last training batch of one image breaks BatchNorm; validation always sees every image.
         drop_last=sampler is not None and len(sampler) % batch_size == 1,
-        num_workers=args.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda" if args.pin_memory is None else args.pin_memory,
-        persistent_workers=args.num_workers > 0 and args.persistent_workers,
-        prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None,
+        persistent_workers=workers > 0 and args.persistent_workers,
+        prefetch_factor=args.prefetch_factor if workers > 0 else None,
         worker_init_fn=utils.seed_worker,
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -289,12 +297,14 @@ def fit(
     probabilities of the best epoch (for out-of-fold predictions), or None when a signal stopped training."""
     num_classes, main_rank = data.num_classes, rank == 0
     train_idx, val_idx = data.split_dataset() if fold is None else data.split_dataset(fold=fold, n_splits=args.n_splits)
-    train_transform, batch_transform = aug.train_transform, None
+    # The loaders hand over uint8 pixels and the device normalizes whole batches, when the preset allows it.
+    train_transform, batch_transform = augmentation.split_for_device(aug.train_transform)
+    eval_transform, eval_batch_transform = augmentation.split_for_device(aug.eval_transform)
     if args.gpu_aug:  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
         train_transform = augmentation.to_uint8_tensor
         batch_transform = augmentation.BatchAugment(args.resize, config["mean"], config["std"], aug.crop_fraction)
     train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache)
-    val_set = dataset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size, cache)
+    val_set = dataset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
     class_counts = np.bincount(train_set.targets, minlength=num_classes)
     # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
     weights = 1.0 / class_counts[train_set.targets] if args.sampler == "weighted" else None
@@ -371,11 +381,17 @@ def fit(
     print(f"Run directory: {run_dir}")
 
     val_targets = torch.as_tensor(val_set.targets)
+
+    def first_val_images() -> torch.Tensor:
+        """The first 16 validation images as the network sees them, for TensorBoard."""
+        images = torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))])
+        return images if eval_batch_transform is None else eval_batch_transform(images)
+
     to_logits = functools.partial(model_module.to_class_logits, model=model)
 
     def validate(net: torch.nn.Module, name: str) -> torch.Tensor:
         with autocast(args.amp, device):
-            part = utils.predict(net, val_loader, device, progress=name)
+            part = utils.predict(net, val_loader, device, progress=name, batch_transform=eval_batch_transform)
         outputs = torch.empty(len(val_set), *part.shape[1:])
         for r, p in enumerate(utils.gather_objects(part)):
             outputs[r::world] = p
@@ -476,7 +492,7 @@ def fit(
                     val_set.targets,
                     val_preds,
                     data.class_names,
-                    lambda: torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))]),
+                    first_val_images,
                     config["mean"],
                     config["std"],
                 )

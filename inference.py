@@ -96,14 +96,18 @@ def predict_probs(
     device: torch.device,
     views: Sequence[str] = ("identity",),
     progress: str | None = None,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(N, num_classes) class probabilities of every batch `(images, _)` of `loader`, averaged over `views`."""
+    """(N, num_classes) class probabilities of every batch `(images, _)` of `loader`, averaged over `views`
+    (taken after `batch_transform`, the normalization the loader left to the device)."""
     from tqdm import tqdm
 
     model.eval()
     out = []
     for images, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty()):
         images = images.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
         total = torch.zeros(())
         for name in views:  # one forward pass per view, so the identity view sees exactly the untouched batch
             logits = model_module.to_class_logits(model(VIEWS[name](images)), model).float().cpu()
@@ -487,8 +491,9 @@ def main(args: Namespace) -> Path:
 
     probs = np.zeros((len(images.image_ids), config["num_classes"]))
     for m, model, aug in zip(used, models, augs, strict=True):
+        transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
         loader = DataLoader(
-            images.dataset(aug.eval_transform, aug.load_size),
+            images.dataset(transform, aug.load_size),
             batch_size=args.batch_size,
             shuffle=False,
             num_workers=args.num_workers,
@@ -500,7 +505,7 @@ def main(args: Namespace) -> Path:
             f"Predicting {len(images.image_ids)} images of {images.source} with {checkpoint} on {device} "
             f"({len(views)} TTA view(s){share})"
         )
-        member_probs = predict_probs(model.to(device), loader, device, views, progress="inference")
+        member_probs = predict_probs(model.to(device), loader, device, views, "inference", batch_transform)
         probs += m.weight * member_probs.double().numpy()
         model.cpu()  # one model on the accelerator at a time
     preds = probs.argmax(1)

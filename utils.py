@@ -72,13 +72,17 @@ def env_value(name: str, default: Any = None, dotenv_path: str | os.PathLike = "
     return default
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def default_num_workers() -> int:
     """Loader workers for this machine: one per CPU core left after the training process, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, usable_cores() - 1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,15 +348,21 @@ def select_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, loader: Iterable, device: torch.device, progress: str | None = None
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    progress: str | None = None,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Logits of `model` for every batch `(images, _)` of `loader`, in order, on the CPU."""
+    """Logits of `model` for every batch `(images, _)` of `loader` (after `batch_transform` on the device), in
+    order, on the CPU."""
     from tqdm import tqdm
 
     model.eval()
     outputs = []
     for images, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty()):
-        outputs.append(model(images.to(device, non_blocking=True)).float().cpu())
+        images = images.to(device, non_blocking=True)
+        outputs.append(model(images if batch_transform is None else batch_transform(images)).float().cpu())
     return torch.cat(outputs)
 
 

@@ -113,3 +113,37 @@ def test_albumentations_draws_differ_between_workers_and_epochs(photo):
     assert not torch.equal(first, second)  # and a new epoch draws new ones
     again = torch.utils.data.DataLoader(Same(), batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(first, torch.cat(list(again)))  # repeatable for a seed
+
+
+@pytest.mark.parametrize("name", augmentation.augmentation_classes())
+def test_loader_part_and_device_part_give_the_eval_tensors(name, photo):
+    """Every preset built on ToNormalizedTensor hands over uint8 and normalizes on the device, exactly."""
+    aug = augmentation.augmentation_classes()[name](resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    loader_part, device_part = augmentation.split_for_device(aug.eval_transform)
+    if name == "AlbumentationsAugmentation":  # normalizes inside albumentations: kept whole, in the workers
+        assert device_part is None and loader_part is aug.eval_transform
+        return
+    pixels = loader_part(photo)
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, H, W)
+    batch = torch.stack([pixels, loader_part(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
+    expected = torch.stack([aug.eval_transform(photo), aug.eval_transform(photo.transpose(0))])
+    assert torch.equal(device_part(batch), expected)
+
+
+def test_random_tensor_steps_move_to_the_device_only_when_batch_safe(photo):
+    from torchvision import transforms
+
+    aug = augmentation.CustomAugmentation(resize=(H, W), mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    loader_part, device_part = augmentation.split_for_device(aug.train_transform)
+    assert [type(s) for s in device_part.steps] == [augmentation.AddGaussianNoise]
+    torch.manual_seed(0)
+    batch = device_part(torch.stack([loader_part(photo)] * 2))
+    assert batch.dtype == torch.float32 and not torch.equal(batch[0], batch[1])  # noise drawn per image
+
+    # RandomErasing on a batch would erase the same box in every image: such a transform stays whole.
+    erasing = transforms.Compose(
+        [augmentation.ToNormalizedTensor((0.5,) * 3, (0.2,) * 3), transforms.RandomErasing(p=1.0)]
+    )
+    assert augmentation.split_for_device(erasing) == (erasing, None)
+    plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.2,) * 3)])
+    assert augmentation.split_for_device(plain) == (plain, None)
