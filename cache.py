@@ -11,7 +11,10 @@ to it exactly as it would to a freshly decoded image, so cached and uncached ten
 from __future__ import annotations
 
 import hashlib
+import mmap
+import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,8 +52,9 @@ def _decode_all(
     workers: int,
     skip: Callable[[int], bool] = lambda i: False,
 ) -> dict[str, str]:
-    """Decode `paths` on `workers` threads (PIL releases the GIL while decoding), handing each to `store`;
-    returns {path: reason} of the unreadable ones."""
+    """Decode `paths` with `workers` forked processes (threads where there is no fork), handing each image to
+    `store`; returns {path: reason} of the unreadable ones. `store` runs in the worker: it must write to shared
+    memory or to files."""
 
     def one(i: int) -> str | None:
         if skip(i):
@@ -61,23 +65,65 @@ def _decode_all(
             return e.reason
         return None
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(one, range(len(paths))))
-    return {str(paths[i]): r for i, r in enumerate(reasons) if r is not None}
+    workers = min(workers, utils.usable_cores())  # decoding is CPU-bound: more would only take turns
+    if workers <= 1 or len(paths) < 2:
+        reasons = dict(enumerate(map(one, range(len(paths)))))
+    elif can_fork():
+        reasons = _in_processes(one, len(paths), workers)
+    else:
+        with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while it decodes, not in between
+            reasons = dict(enumerate(pool.map(one, range(len(paths)))))
+    return {str(paths[i]): r for i, r in sorted(reasons.items()) if r is not None}
+
+
+def can_fork() -> bool:
+    """Forked workers see the parent's memory without pickling it (Linux; macOS forks unsafely)."""
+    return sys.platform.startswith("linux")
+
+
+_task: Callable[[int], str | None] | None = None  # what forked workers run: set just before the fork
+
+
+def _run_range(bounds: tuple[int, int]) -> list[tuple[int, str | None]]:
+    assert _task is not None
+    return [(i, _task(i)) for i in range(*bounds)]
+
+
+def _in_processes(task: Callable[[int], str | None], n: int, workers: int) -> dict[int, str | None]:
+    """{i: task(i)} for i < n, run in `workers` forked processes in contiguous chunks (about 8 per worker):
+    1.2x faster than threads on 2 cores (4658 against 3864 images/s), as decoding holds the GIL part of the time."""
+    global _task
+    chunk = max(1, -(-n // (8 * workers)))
+    _task = task
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.imap_unordered(_run_range, [(i, min(i + chunk, n)) for i in range(0, n, chunk)])
+            return dict(item for part in results for item in part)
+    finally:
+        _task = None
+
+
+def shared_array(shape: Sequence[int]) -> np.ndarray:
+    """A zeroed uint8 array in shared memory: what forked processes write there, the parent sees."""
+    nbytes = int(np.prod(shape))
+    if nbytes == 0:
+        return np.zeros(shape, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8).reshape(shape)
 
 
 class RamCache:
-    """All images in one (N, H, W, 3) uint8 array, built in the main process before the loaders start.
+    """All images in one (N, H, W, 3) uint8 array in shared memory, filled before the loaders start (by
+    forked decoding processes where there is fork).
 
-    Loader workers are forked from that process and only read the array, so its pages are shared, not
-    copied: memory does not grow with the number of workers.
+    Loader workers are forked from the training process and only read the array, so its pages are shared,
+    not copied: memory does not grow with the number of workers.
     """
 
     kind = "ram"
 
     def __init__(self, paths: Sequence[str], size: Sequence[int], decode: Decode, workers: int = 1) -> None:
         start = time.time()
-        self.images = np.zeros((len(paths), size[0], size[1], 3), dtype=np.uint8)
+        self.images = shared_array((len(paths), size[0], size[1], 3))
 
         def store(i: int, image: np.ndarray) -> None:
             self.images[i] = image

@@ -56,14 +56,18 @@ def test_disk_cache_is_reused_and_a_changed_file_is_decoded_again(tmp_path):
     assert changed[0][0, 0, 0] > 200 and first[0][0, 0, 1] > 150  # new pixels; the old entry is untouched
 
 
-def test_unreadable_images_are_reported_by_the_cache_build(tmp_path):
-    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
-    Image.new("RGB", (96, 128)).save(good)
-    bad.write_bytes(b"not a jpeg")
-    store = cache.RamCache([str(good), str(bad)], SIZE, decode_at())
-    assert list(store.bad) == [str(bad)]
-    store.keep(np.array([True, False]))
-    assert len(store) == 1
+@pytest.mark.parametrize("workers", [1, 3])  # 3: forked processes, which write into shared memory
+def test_unreadable_images_are_reported_by_the_cache_build(tmp_path, workers):
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (96, 128), (30 * i, 0, 0)).save(paths[-1])
+    paths[4].write_bytes(b"not a jpeg")
+    store = cache.RamCache([str(p) for p in paths], SIZE, decode_at(), workers=workers)
+    assert list(store.bad) == [str(paths[4])]
+    assert [int(store[i][0, 0, 0]) // 10 for i in range(7)] == [0, 3, 6, 9, 0, 15, 18]  # rows in path order
+    store.keep(np.arange(7) != 4)
+    assert len(store) == 6
 
 
 def test_two_workers_draw_different_augmentations_from_the_same_cached_image(data, tmp_path):
@@ -122,3 +126,25 @@ def test_auto_chooses_ram_when_it_fits():
     assert cache.choose_kind("auto", 100, (128, 96)) == "ram"
     assert cache.choose_kind("auto", 10**9, (512, 384)) == "disk"
     assert cache.choose_kind("none", 100, (128, 96)) == "none"
+
+
+@pytest.mark.parametrize("preset", ["BaseAugmentation", "CustomAugmentation"])
+def test_batches_copied_out_of_the_ram_cache_equal_image_by_image_batches(data, preset):
+    """When the loader only hands over pixels, a batch is one copy out of the RAM cache: the same batch as
+    decoding and transforming image by image. A transform that changes the pixels stays per image."""
+    aug = augmentation.augmentation_classes()[preset](resize=SIZE, mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
+    store = cache.RamCache([str(p) for p in data.image_paths], aug.load_size, decode_at(aug.load_size))
+    loader_part, device_part = augmentation.split_for_device(aug.eval_transform)
+    indices = np.arange(5, len(data))
+    fast = dataset.ImageSubset(data, indices, loader_part, aug.load_size, store)
+    plain = dataset.ImageSubset(data, indices, loader_part, aug.load_size)  # no cache: decoded every time
+    assert fast.gather == (preset == "BaseAugmentation") and not plain.gather
+    for order in ([0, 1, 2, 3], [9, 0, 3]):  # the val loader reads through a Subset, in any order
+        one_by_one = [plain[i] for i in order]  # __getitem__: every step of the transform, image by image
+        for d in (fast, plain):
+            x, y = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(d, order), batch_size=4)))
+            assert x.dtype == torch.uint8 and x.shape == (len(order), 3, *SIZE)
+            assert torch.equal(x, torch.stack([p for p, _ in one_by_one]))
+            assert y.tolist() == [t for _, t in one_by_one] == plain.targets[order].tolist()
+        expected = torch.stack([aug.eval_transform(Image.fromarray(plain.pixels(i))) for i in order])
+        assert torch.equal(device_part(x), expected)
