@@ -1,17 +1,23 @@
 """Loader throughput: the seed baseline's data path against ours (uncached first epoch, then RAM-cached).
 
     .venv/bin/python bench/bench_data.py                       # 1400 synthetic 384x512 JPEGs, 2 workers
+    .venv/bin/python bench/bench_data.py --noise 6             # noisier photos (the demo data's), 44 KiB each
     .venv/bin/python bench/bench_data.py --n 7000 --workers 4 --repeat 5 --no-breakdown
     .venv/bin/python bench/bench_data.py --data_dir /data/train/images     # your own photos instead
 
-Every pipeline reads the same JPEGs in the same order (shuffle off) through DataLoaders with the same settings:
-  a  the seed baseline: PIL open + convert('RGB') at full size, Resize((128, 96)), ToTensor, Normalize;
-  b  ours, first epoch: ImageSubset with no cache, decode_fixed (JPEG draft mode), BaseAugmentation eval_transform;
-  c  ours, cached epoch: the same reading a RamCache (its build time is reported on its own line);
-  d  c with --gpu_aug's loader transform: uint8 batches, normalization left to the training device.
-a, b and c give the same normalized 3x128x96 float32 tensors. Workers are persistent and started by one untimed
-pass, so every pipeline then reads the JPEGs from the OS page cache, not from the disk; the table gives the median
-of --repeat timed passes. The breakdown then times each stage alone, in this process.
+Every pipeline reads the same JPEGs in the same order (shuffle off) through DataLoaders with the same settings,
+and ends with the same normalized 3x128x96 float32 tensors in the training process:
+  a   the seed baseline: PIL open + convert('RGB') at full size, Resize((128, 96)), ToTensor, Normalize;
+  b   ours, first epoch, as train.py runs it (--cache auto is ram): the RamCache is built (decode_fixed, JPEG draft
+      mode, in --workers + 1 forked processes, at most one per core), then one epoch is read;
+  b'  ours with --cache none: the workers decode every image every epoch (decode_fixed);
+  c   ours, cached epoch: each batch is one copy out of the RamCache, in the training process (as engine.fit
+      reads it: worker processes would only add the hand-over).
+Ours is BaseAugmentation's eval transform split as engine.fit splits it (augmentation.split_for_device): the
+loader hands over uint8 tensors and the training process normalizes each batch (timed; a GPU would do it).
+Workers are persistent and started by one untimed pass, so every pipeline then reads the JPEGs from the OS page
+cache, not from the disk; the table gives the median of --repeat timed passes (and of --repeat cache builds).
+The breakdown then times each stage alone, in this process.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import augmentation
 import cache as cache_module
 import dataset as dataset_module
 import demo
+import engine
 import utils
 
 RESIZE = (128, 96)  # (H, W) network input, train.py's default --resize
@@ -71,19 +78,24 @@ class ReadyTensors(Dataset):
 
 
 def make_loader(data: Dataset, args: argparse.Namespace) -> DataLoader:
+    """--workers processes, except where engine.make_loader uses none (batches copied out of the RAM cache)."""
+    workers = engine.loader_workers(data, args.workers)
     return DataLoader(
         data,
         batch_size=args.batch_size,
         shuffle=False,
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
-        prefetch_factor=2 if args.workers > 0 else None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
     )
 
 
-def images_per_second(loader: DataLoader, repeat: int) -> tuple[float, float, str]:
+def images_per_second(
+    loader: DataLoader, repeat: int, on_batch: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[float, float, str]:
     """(median, best) images/s over `repeat` full passes after one untimed pass that starts the workers, and
-    the shape and dtype of one image's tensor."""
+    the shape and dtype of one image's tensor as the training process receives it; `on_batch` (the device
+    part of the transform) is applied to every batch and timed."""
     kind = ""
     for images, _ in loader:
         kind = f"{'x'.join(map(str, images.shape[1:]))} {str(images.dtype).removeprefix('torch.')}"
@@ -91,6 +103,8 @@ def images_per_second(loader: DataLoader, repeat: int) -> tuple[float, float, st
     for _ in range(repeat):
         start, count = time.perf_counter(), 0
         for images, _ in loader:
+            if on_batch is not None:
+                images = on_batch(images)
             count += len(images)
         rates.append(count / (time.perf_counter() - start))
     return statistics.median(rates), max(rates), kind
@@ -127,12 +141,22 @@ def breakdown(
         "resize": (f"seed Resize, {w}x{h} -> {RESIZE[1]}x{RESIZE[0]}", lambda i: resize(full[i])),
         "draft": ("draft decode: decode_fixed", lambda i: dataset_module.decode_fixed(paths[i], load_size)),
         "read": ("cache row -> Image.fromarray", lambda i: Image.fromarray(arrays[i])),
-        "float": ("eval_transform of the decoded image (ToTensor, Normalize)", lambda i: eval_transform(small[i])),
+        "float": (
+            "seed ToTensor + Normalize of the decoded image",
+            lambda i: seed_transform.transforms[2](seed_transform.transforms[1](small[i])),
+        ),
         "uint8": ("to_uint8_tensor of the decoded image", lambda i: augmentation.to_uint8_tensor(small[i])),
     }
+    stack = np.stack(arrays)
+    gather = (
+        "RAM cache rows -> a batch of 64 (ImageSubset.__getitems__), per image",
+        lambda i: torch.from_numpy(stack[np.arange(i, i + 64) % n]).permute(0, 3, 1, 2).contiguous(),
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker
     cost = {key: ms_per_call(fn, n) for key, (_, fn) in stages.items()}
+    stages["gather"] = gather
+    cost["gather"] = ms_per_call(gather[1], n // 10) / 64
     torch.set_num_threads(threads)
     one = argparse.Namespace(batch_size=args.batch_size, workers=1)
     h, w = RESIZE
@@ -145,13 +169,17 @@ def breakdown(
         "\nper-image cost of each stage alone, in this process with 1 torch thread as in a worker "
         f"(best of 3 rounds over {n} images, ms):"
     )
+    _, device_part = augmentation.split_for_device(eval_transform)
+    batch = torch.zeros(args.batch_size, 3, h, w, dtype=torch.uint8)
+    cost["norm"] = ms_per_call(lambda i: device_part(batch), 20) / args.batch_size
+    stages["norm"] = (f"normalize a uint8 batch, per image ({threads} threads, the training process)", None)
     for key, (description, _) in stages.items():
-        print(f"  {description:<60} {cost[key]:6.3f}")
+        print(f"  {description:<66} {cost[key]:6.3f}")
     totals = {
         "a": ("full", "resize", "float", "hand32"),
-        "b": ("draft", "read", "float", "hand32"),
-        "c": ("read", "float", "hand32"),
-        "d": ("read", "uint8", "hand8"),
+        "b": ("draft", "gather", "norm"),
+        "b'": ("draft", "read", "uint8", "hand8", "norm"),
+        "c": ("gather", "norm"),
     }
     cores = len(os.sched_getaffinity(0))
     print(f"  sums, and the images/s they allow if all {cores} cores did nothing else:")
@@ -159,7 +187,7 @@ def breakdown(
     for pipeline, keys in totals.items():
         ms = sum(cost[k] for k in keys)
         print(
-            f"    {pipeline} = {' + '.join(keys):<31} {ms:6.3f} ms -> {cores * 1e3 / ms:6.0f} images/s, "
+            f"    {pipeline:2} = {' + '.join(keys):<36} {ms:6.3f} ms -> {cores * 1e3 / ms:6.0f} images/s, "
             f"{base / ms:4.1f}x a"
         )
 
@@ -170,6 +198,13 @@ def get_parser() -> argparse.ArgumentParser:
     data.add_argument("--n", type=int, default=1400, help="images to generate (rounded up to persons of 7) or to read")
     data.add_argument(
         "--data_dir", default=None, help="read the first --n images of this folder of person folders instead"
+    )
+    data.add_argument(
+        "--noise",
+        type=float,
+        default=1.5,
+        help="per-pixel noise std of the synthetic photos: 1.5 makes 16 KiB JPEGs, the size of the real 384x512 "
+        "face photos at hand (maskdev); the demo data's 6 makes 44 KiB ones, slower to decode at any scale",
     )
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     data.add_argument("--batch_size", type=int, default=64, help="images per batch")
@@ -200,9 +235,12 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if args.data_dir is None:
-            demo.make_demo_data(Path(tmp) / "data", n_train=-(-args.n // 7), n_eval=0, seed=0)
+            demo.make_demo_data(Path(tmp) / "data", n_train=-(-args.n // 7), n_eval=0, seed=0, noise=args.noise)
             data = dataset_module.MaskSplitByProfileDataset(Path(tmp) / "data/train/images")
-            print(f"wrote {len(data)} synthetic JPEGs (quality 90) in {time.perf_counter() - start:.1f}s")
+            print(
+                f"wrote {len(data)} synthetic JPEGs (quality 90, noise {args.noise}) in "
+                f"{time.perf_counter() - start:.1f}s"
+            )
         else:
             data = dataset_module.MaskSplitByProfileDataset(args.data_dir)
         n = min(args.n, len(data))
@@ -218,33 +256,39 @@ def main(args: argparse.Namespace) -> None:
         results = {}
         seed_set = SeedBaselineDataset(image_paths, labels, seed_transform)
         results["a"] = images_per_second(make_loader(seed_set, args), args.repeat)
-        uncached = dataset_module.ImageSubset(data, everything, aug.eval_transform, aug.load_size, cache=None)
-        results["b"] = images_per_second(make_loader(uncached, args), args.repeat)
+        loader_part, device_part = augmentation.split_for_device(aug.eval_transform)
+        uncached = dataset_module.ImageSubset(data, everything, loader_part, aug.load_size, cache=None)
+        results["b'"] = images_per_second(make_loader(uncached, args), args.repeat, device_part)
 
-        start = time.perf_counter()
         decode = functools.partial(dataset_module.decode_fixed, size=aug.load_size)
         paths = [str(p) for p in image_paths]
-        ram = cache_module.RamCache(paths, aug.load_size, decode, workers=args.workers + 1)  # threads as train.py
-        build_s = time.perf_counter() - start
-        cached = dataset_module.ImageSubset(data, everything, aug.eval_transform, aug.load_size, cache=ram)
-        results["c"] = images_per_second(make_loader(cached, args), args.repeat)
-        uint8 = dataset_module.ImageSubset(data, everything, augmentation.to_uint8_tensor, aug.load_size, cache=ram)
-        results["d"] = images_per_second(make_loader(uint8, args), args.repeat)
+        builds = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            ram = cache_module.RamCache(paths, aug.load_size, decode, workers=args.workers + 1)  # as train.py
+            builds.append(time.perf_counter() - start)
+        build_s = statistics.median(builds)
+        cached = dataset_module.ImageSubset(data, everything, loader_part, aug.load_size, cache=ram)
+        results["c"] = images_per_second(make_loader(cached, args), args.repeat, device_part)
+        first_epoch_s = build_s + n / results["c"][0]
+        results["b"] = (n / first_epoch_s, n / (min(builds) + n / results["c"][1]), results["c"][2])
 
         names = {
             "a": "seed baseline (full decode + Resize)",
-            "b": "ours, first epoch (draft decode)",
+            "b": "ours, first epoch (cache build + 1 pass)",
+            "b'": "ours, --cache none (draft decode)",
             "c": "ours, cached epoch (RamCache)",
-            "d": "ours, cached, uint8 (--gpu_aug loader)",
         }
         base = results["a"][0]
-        print(f"\n{'':2} {'pipeline':<40} {'images/s':>9} {'best':>9} {'vs a':>7}  per image")
-        for key, (median, best, kind) in results.items():
-            print(f"{key:2} {names[key]:<40} {median:9.0f} {best:9.0f} {median / base:6.1f}x  {kind}")
+        print(f"\n{'':3} {'pipeline':<41} {'images/s':>9} {'best':>9} {'vs a':>7}  handed over per image")
+        for key in names:
+            median, best, kind = results[key]
+            print(f"{key:3} {names[key]:<41} {median:9.0f} {best:9.0f} {median / base:6.1f}x  {kind}")
         print(f"images/s: median of {args.repeat} passes after one warm-up pass; best: the fastest pass")
         print(
-            f"RamCache build: {build_s:.2f}s for {len(ram)} images ({len(ram) / build_s:.0f} images/s on "
-            f"{args.workers + 1} threads), {ram.images.nbytes / 2**20:.1f} MiB"
+            f"RamCache build: {build_s:.2f}s (median of {args.repeat}) for {len(ram)} images "
+            f"({len(ram) / build_s:.0f} images/s, {min(args.workers + 1, utils.usable_cores())} processes), "
+            f"{ram.images.nbytes / 2**20:.1f} MiB; first epoch {first_epoch_s:.2f}s"
         )
         print(f"b/a = {results['b'][0] / base:.1f} (target >= 3), c/a = {results['c'][0] / base:.1f} (target >= 15)")
         if args.breakdown:

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_memory.py --n 7000 --workers 0 1 2 4 8 --seconds 5
 
 Each worker count runs in a fresh Python process that builds a RamCache, makes the training loader as engine.fit
-does (BaseAugmentation, train.py's loader defaults) and iterates epochs, reading every batch, for at least --epochs
+does (--augmentation, train.py's loader defaults) and iterates epochs, reading every batch, for at least --epochs
 epochs and --seconds seconds. Meanwhile this process, which never imports torch, samples the PSS (proportional set
 size: a page shared by k processes counts 1/k to each) of that process and of its workers from
 /proc/<pid>/smaps_rollup. Summed PSS counts every page once, so a cache the workers share through fork counts once
@@ -96,35 +96,45 @@ def measure(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
+    import augmentation
     import cache as cache_module
     import dataset as dataset_module
     import engine
     import train
-    from augmentation import BaseAugmentation
+    import utils
 
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: on purpose
     workers = args.child
-    aug = BaseAugmentation(RESIZE, dataset_module.SEED_MEAN, dataset_module.SEED_STD)
+    preset = utils.find_class(augmentation, args.augmentation, "--augmentation")
+    aug = preset(RESIZE, dataset_module.SEED_MEAN, dataset_module.SEED_STD)
     data = dataset_module.MaskSplitByProfileDataset(args.data_dir)
     decode = functools.partial(dataset_module.decode_fixed, size=aug.load_size)
     ram = cache_module.RamCache([str(p) for p in data.image_paths], aug.load_size, decode, workers=workers + 1)
     flags = ["--num_workers", str(workers), "--batch_size", str(args.batch_size), "--resize", *map(str, RESIZE)]
     train_args = train.get_parser().parse_args(flags)
-    subset = dataset_module.ImageSubset(data, np.arange(len(data)), aug.train_transform, aug.load_size, cache=ram)
+    loader_part, _ = augmentation.split_for_device(aug.train_transform)  # the hand-over engine.fit makes
+    subset = dataset_module.ImageSubset(data, np.arange(len(data)), loader_part, aug.load_size, cache=ram)
     sampler = engine.EpochSampler(len(subset), train_args.seed)  # the training loader, as engine.fit makes it
     loader = engine.make_loader(subset, args.batch_size, train_args, torch.device("cpu"), sampler)
 
     before = smaps_rollup(os.getpid())["Pss"]  # cache built, no worker started yet
-    print(START, flush=True)
-    start, epochs, checksum = time.perf_counter(), 0, 0.0
+    start, epochs, checksum, sampling = time.perf_counter(), 0, 0.0, False
     while epochs < args.epochs or time.perf_counter() - start < args.seconds:
         sampler.set_epoch(epochs)
         for images, _targets in loader:
-            checksum += float(images.mean())  # read every batch, as a training step would
+            checksum += float(images.float().mean())  # read every batch, as a training step would
+            if not sampling:  # the workers are up (a sample taken while they fork could count a page twice)
+                print(START, flush=True)
+                sampling = True
         epochs += 1
     seconds = time.perf_counter() - start
     print(END, flush=True)
+    images = next(iter(loader))[0]
     result = {
+        "loader_workers": loader.num_workers,
+        "load_size": list(aug.load_size),
+        "batch_bytes": images.numel() * images.element_size(),
+        "batch_dtype": str(images.dtype).removeprefix("torch."),
         "before": before,
         "cache": ram.images.nbytes,
         "images": len(ram),
@@ -173,6 +183,12 @@ def get_parser() -> argparse.ArgumentParser:
     data.add_argument("--n", type=int, default=1400, help="images to generate, rounded up to persons of 7")
     data.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="worker counts, one process each")
     data.add_argument("--batch_size", type=int, default=64, help="images per batch")
+    data.add_argument(
+        "--augmentation",
+        default="FaceAugmentation",
+        help="preset of the training loader (FaceAugmentation, the mask data's default, augments in the workers; "
+        "with BaseAugmentation batches are copied out of the cache in the main process, so there are no workers)",
+    )
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--epochs", type=int, default=2, help="at least this many epochs while sampling")
     sampling.add_argument("--seconds", type=float, default=3.0, help="and at least this many seconds")
@@ -208,14 +224,15 @@ def main(args: argparse.Namespace) -> None:
         for workers in args.workers:
             command = [sys.executable, __file__, "--child", str(workers), "--data_dir", str(root / "train/images")]
             command += ["--batch_size", str(args.batch_size), "--epochs", str(args.epochs)]
-            command += ["--seconds", str(args.seconds)]
+            command += ["--seconds", str(args.seconds), "--augmentation", args.augmentation]
             results.append((workers, run_child(command, args.interval)))
 
     first = results[0][1]
-    h, w = RESIZE
-    batch_mib = args.batch_size * 3 * h * w * 4 / MiB
+    h, w = first["load_size"]
+    batch_mib = first["batch_bytes"] / MiB
     print(
-        f"{first['images']} images | batch {args.batch_size} ({batch_mib:.1f} MiB of float32) | "
+        f"{first['images']} images | {args.augmentation} | batch {args.batch_size} ({batch_mib:.1f} MiB of "
+        f"{first['batch_dtype']}) | "
         f"start method {first['start_method']} | prefetch {first['prefetch']} | children found with {finder} | "
         f"{os.cpu_count()} CPUs | load average {load_avg:.2f} at start, {os.getloadavg()[0]:.2f} at the end"
     )
@@ -226,7 +243,9 @@ def main(args: argparse.Namespace) -> None:
     )
     base = results[0][1]["total"]
     for workers, r in results:
-        in_flight = workers * r["prefetch"] * batch_mib
+        in_flight = r["loader_workers"] * r["prefetch"] * batch_mib
+        if r["loader_workers"] != workers:
+            print(f"--workers {workers}: the loader runs {r['loader_workers']} (batches copied out of the cache)")
         print(
             f"{workers:7d} {r['total'] / MiB:9.1f} {(r['total'] - base) / MiB:+7.1f} {r['main'] / MiB:7.1f} "
             f"{r['worker_pss'] / MiB:11.1f} {r['worker_private'] / MiB:8.1f} {r['shmem'] / MiB:6.1f} {in_flight:10.1f} "

@@ -4,11 +4,13 @@
     .venv/bin/python bench/bench_train.py --models resnet18 --steps 30 --workers 2
 
 The loader is engine.make_loader with train.py's flag defaults (persistent workers, prefetch, EpochSampler order)
-over an ImageSubset of BaseAugmentation's train_transform reading a RamCache, as engine.fit builds it. The in-memory
-feed cycles through one epoch of batches taken from that loader beforehand. Both feeds run the same step (forward,
-cross-entropy, zero_grad, backward, AdamW) on a freshly initialised model, --warmup untimed steps first. A ratio
-near 1 means the data path costs the training loop nothing; below 1, the loop waited for batches or the workers
-took CPU time from the model.
+over an ImageSubset of the --augmentation preset's train_transform reading a RamCache, as engine.fit builds it:
+the loader hands over uint8 batches and the training process normalizes them (augmentation.split_for_device);
+for BaseAugmentation a batch is one copy out of the cache, made in the training process (engine.loader_workers).
+The in-memory feed cycles through one epoch of batches taken from that loader and normalized beforehand. Both
+feeds run the same step (forward, cross-entropy, zero_grad, backward, AdamW) on a freshly initialised model,
+--warmup untimed steps first. A ratio near 1 means the data path costs the training loop nothing; below 1, the
+loop waited for batches or the workers took CPU time from the model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import augmentation
 import cache as cache_module
 import dataset as dataset_module
 import demo
@@ -37,7 +40,7 @@ import engine
 import model as model_module
 import train
 import utils
-from augmentation import BaseAugmentation
+from augmentation import split_for_device
 
 RESIZE = (128, 96)  # (H, W) network input, train.py's default --resize
 
@@ -99,6 +102,12 @@ def get_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="DataLoader worker processes; None: train.py's (CPU cores - 1)"
     )
     data.add_argument("--batch_size", type=int, default=64, help="images per step")
+    data.add_argument(
+        "--augmentation",
+        default="BaseAugmentation",
+        choices=sorted(augmentation.augmentation_classes()),
+        help="preset whose train_transform the loader runs (FaceAugmentation: the mask data's default)",
+    )
     net = p.add_argument_group("model")
     net.add_argument(
         "--models", nargs="+", default=["BaseModel", "mobilenetv3_small_100"], help="model.py classes or timm names"
@@ -126,7 +135,7 @@ def main(args: argparse.Namespace) -> None:
         flags += ["--num_workers", str(args.workers)]
     train_args = train.get_parser().parse_args(flags)  # train.py's loader settings, as a plain run resolves them
     mean, std = dataset_module.SEED_MEAN, dataset_module.SEED_STD
-    aug = BaseAugmentation(RESIZE, mean, std)
+    aug = augmentation.augmentation_classes()[args.augmentation](RESIZE, mean, std)
     load_avg = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -138,13 +147,20 @@ def main(args: argparse.Namespace) -> None:
         ram = cache_module.RamCache(paths, aug.load_size, decode, workers=train_args.num_workers + 1)
         print(ram.report)
 
-    subset = dataset_module.ImageSubset(data, np.arange(len(data)), aug.train_transform, aug.load_size, cache=ram)
+    loader_part, device_part = split_for_device(aug.train_transform)
+    subset = dataset_module.ImageSubset(data, np.arange(len(data)), loader_part, aug.load_size, cache=ram)
     loader = training_loader(subset, args.batch_size, train_args)
-    in_memory = list(loader)  # one epoch of ready batches
-    loader_feed = forever(loader)
+
+    def on_device(batches: Iterable) -> Iterator:
+        """What engine.train_one_epoch does first with every batch (the device is the CPU here)."""
+        for images, targets in batches:
+            yield (images if device_part is None else device_part(images)), targets
+
+    in_memory = list(on_device(loader))  # one epoch of ready batches
+    loader_feed = on_device(forever(loader))
     print(
-        f"{len(data)} images | batch {args.batch_size} | {train_args.num_workers} workers "
-        f"(persistent {train_args.persistent_workers}, prefetch {train_args.prefetch_factor}) | "
+        f"{len(data)} images | {args.augmentation} | batch {args.batch_size} | {loader.num_workers} loader workers "
+        f"(--num_workers {train_args.num_workers}; none when batches are copied out of the cache) | "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads | {os.cpu_count()} CPUs | "
         f"load average {load_avg:.2f} at start"
     )

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -18,17 +20,21 @@ def bench(script: str, *args: str) -> str:
 
 
 def test_bench_data_prints_every_pipeline_and_the_ratios():
-    out = bench("bench_data.py", "--n", "14", "--workers", "0", "--batch_size", "7", "--repeat", "1")
-    for key in "abcd":
-        assert re.search(rf"(?m)^{key} .+ \d+ +\d+ +[\d.]+x  3x128x96 (float32|uint8)$", out), out
+    out = bench("bench_data.py", "--n", "14", "--workers", "1", "--batch_size", "7", "--repeat", "1", "--noise", "6")
+    assert "noise 6.0" in out
+    for key, dtype in {"a": "float32", "b": "uint8", "b'": "uint8", "c": "uint8"}.items():
+        assert re.search(rf"(?m)^{key} +.+ \d+ +\d+ +[\d.]+x  3x128x96 {dtype}$", out), out
     assert re.search(r"b/a = [\d.]+ \(target >= 3\), c/a = [\d.]+ \(target >= 15\)", out), out
     assert "per-image cost of each stage" in out
 
 
-def test_bench_train_prints_a_ratio_per_model():
-    out = bench("bench_train.py", "--n", "14", "--workers", "0", "--batch_size", "7", "--models", "BaseModel",
-                "--steps", "2", "--rounds", "1", "--warmup", "0")  # fmt: skip
+@pytest.mark.parametrize("preset", ["BaseAugmentation", "FaceAugmentation"])
+def test_bench_train_prints_a_ratio_per_model(preset):
+    out = bench("bench_train.py", "--n", "14", "--workers", "1", "--batch_size", "7", "--models", "BaseModel",
+                "--steps", "2", "--rounds", "1", "--warmup", "0", "--augmentation", preset)  # fmt: skip
     assert re.search(r"(?m)^BaseModel +[\d.]+ +[\d.]+ +[\d.]+$", out), out
+    workers = 0 if preset == "BaseAugmentation" else 1  # batches copied out of the cache need no worker
+    assert f"{preset} | batch 7 | {workers} loader workers" in out, out
 
 
 def test_bench_memory_prints_a_row_per_worker_count():
