@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
 import augmentation
@@ -122,6 +122,7 @@ def ms_per_call(fn: Callable[[int], object], n: int, repeat: int = 3) -> float:
 
 
 def breakdown(
+    cached: dataset_module.ImageSubset,
     paths: Sequence[Path],
     load_size: tuple[int, int],
     seed_transform: transforms.Compose,
@@ -147,10 +148,9 @@ def breakdown(
         ),
         "uint8": ("to_uint8_tensor of the decoded image", lambda i: augmentation.to_uint8_tensor(small[i])),
     }
-    stack = np.stack(arrays)
-    gather = (
-        "RAM cache rows -> a batch of 64 (ImageSubset.__getitems__), per image",
-        lambda i: torch.from_numpy(stack[np.arange(i, i + 64) % n]).permute(0, 3, 1, 2).contiguous(),
+    gather = (  # what the cached loader does for each batch: ImageSubset.__getitems__, then the collate
+        "RAM cache rows -> a collated batch of 64 (ImageSubset.__getitems__), per image",
+        lambda i: default_collate(cached.__getitems__([(i + k) % len(cached) for k in range(64)])),
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker
@@ -292,7 +292,7 @@ def main(args: argparse.Namespace) -> None:
         )
         print(f"b/a = {results['b'][0] / base:.1f} (target >= 3), c/a = {results['c'][0] / base:.1f} (target >= 15)")
         if args.breakdown:
-            breakdown(image_paths, aug.load_size, seed_transform, aug.eval_transform, args)
+            breakdown(cached, image_paths, aug.load_size, seed_transform, aug.eval_transform, args)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
