@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -325,6 +325,54 @@ def mix_batch(
     else:
         images = lam * images + (1 - lam) * images[perm]
     return images, lam * soft + (1 - lam) * soft[perm]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test-time augmentation (inference.py --tta): views of a batch of normalized (N, C, H, W) tensors, after the
+# run's eval transform, so they work whatever that transform is. Portrait face photos are left-right symmetric
+# and roughly centred: mirrors, small shifts and a slight zoom keep the face whole; vertical flips and rotations
+# would not.
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`x` moved down by `dy` and right by `dx` pixels (negative: up/left); the uncovered edge repeats the border."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top : top + h, left : left + w]
+
+
+def _step(size: int) -> int:
+    return max(1, round(size * 0.05))  # 5% of the side: a few pixels, as far as faces sit off-centre
+
+
+def _zoom(x: torch.Tensor, scale: float = 1.1) -> torch.Tensor:
+    """The central 1/scale of `x`, resized back to its size (the face seen 10% closer)."""
+    h, w = x.shape[-2:]
+    ch, cw = round(h / scale), round(w / scale)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return F.interpolate(x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False)
+
+
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),
+    "up": lambda x: _shift(x, -_step(x.shape[-2]), 0),
+    "down": lambda x: _shift(x, _step(x.shape[-2]), 0),
+    "left": lambda x: _shift(x, 0, -_step(x.shape[-1])),
+    "right": lambda x: _shift(x, 0, _step(x.shape[-1])),
+    "zoom": _zoom,
+    "zoom_hflip": lambda x: _zoom(x).flip(-1),
+}
+TTA = {
+    "none": ("identity",),
+    "flip": ("identity", "hflip"),
+    "flip_shift": ("identity", "hflip", "up", "down", "left", "right"),
+    "flip_zoom": ("identity", "hflip", "zoom", "zoom_hflip"),
+}
+
+
+def tta_views(presets: Sequence[str]) -> tuple[str, ...]:
+    """The views of the `--tta` presets, each once, in order."""
+    return tuple(dict.fromkeys(view for preset in presets for view in TTA[preset]))
 
 
 def augmentation_classes() -> dict[str, type]:

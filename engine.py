@@ -1,24 +1,26 @@
-"""The training engine behind train.py: mixed precision, optimizers and schedules, EMA, mixup/cutmix,
-gradient accumulation and clipping, a resumable sampler, clean stops on SIGINT/SIGTERM, one training epoch.
+"""One training run as an object: `RunState` holds everything a run is (model, EMA, optimizer, schedule,
+scaler, early stopping, epoch and step, best score, RNG states, the folds still to train); its `state_dict()`
+is the checkpoint and `load_state_dict()` is resume. `fit` trains one split with it; `evaluate` is the one
+prediction loop (validation, inference with ensembles and TTA, the distributed gather).
 
     python train.py --amp bf16 --scheduler onecycle --warmup_epochs 1 --ema 0.999 --mixup 0.2
     python train.py --cutmix 1.0 --cutmix_mode vertical --grad_accum 2 --clip_grad 5
     python train.py --resume model/exp            # continue a stopped run in the same directory
 
-Every piece is a function or a small class that train.py composes; tests call them directly.
+The engine reads the run's config dict (resolved flags and data facts), never the command line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import math
 import random
 import signal
 import sys
 import time
-from argparse import Namespace
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,6 +37,7 @@ import dataset as dataset_module
 import loss as loss_module
 import model as model_module
 import report
+import rundir
 import schedule as schedule_module
 import utils
 from utils import UserError
@@ -163,14 +166,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def maybe_compile(model: nn.Module, args: Any, device: torch.device) -> nn.Module:
+def maybe_compile(model: nn.Module, enabled: bool, resize: Sequence[int], device: torch.device) -> nn.Module:
     """torch.compile(model) when --compile works here; else a warning and the eager model."""
-    if not args.compile:
+    if not enabled:
         return model
     compiled = torch.compile(model)
     try:
         with torch.no_grad():
-            compiled.eval()(torch.zeros(2, 3, *args.resize, device=device))
+            compiled.eval()(torch.zeros(2, 3, *resize, device=device))
     except Exception as e:  # missing compiler toolchain, unsupported platform or op
         print(
             f"warning: --compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:160]}); training without it",
@@ -181,64 +184,176 @@ def maybe_compile(model: nn.Module, args: Any, device: torch.device) -> nn.Modul
 
 
 # ---------------------------------------------------------------------------------------------------
+# What the loop reads from the run's config.
+EVAL_METRICS = {"macro_f1": "f1", "accuracy": "acc", "loss": "loss"}  # --eval_metric -> the row's val_* column
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The settings of the epoch loop, read from the run's config (train.py's resolved flags)."""
+
+    epochs: int = 24
+    batch_size: int = 64
+    valid_batch_size: int = 256
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max gradient norm (0: off)
+    amp: str = "off"  # off, fp16, bf16
+    channels_last: bool = False
+    mixup: float = 0.0  # Beta alpha (0: off)
+    cutmix: float = 0.0
+    cutmix_mode: str = "box"
+    mix_prob: float = 1.0  # share of batches mixed
+    eval_metric: str = "macro_f1"  # what selects best.pth and drives early stopping and plateau
+    patience: int = 0  # epochs without a better score before stopping (0: never)
+    seed: int = 42
+    num_workers: int = 0
+    pin_memory: bool | None = None  # None: on with CUDA
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LoopSettings:
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+
+
+def score_of(metrics: dict[str, float], eval_metric: str) -> float:
+    """The number to maximize for `--eval_metric`: macro F1, accuracy, or minus the loss."""
+    value = metrics[EVAL_METRICS[eval_metric]]
+    return -value if eval_metric == "loss" else value
+
+
+# ---------------------------------------------------------------------------------------------------
+# The state of a run.
+@dataclass
+class RunState:
+    """Everything a training run is. `state_dict()` is the checkpoint, `load_state_dict()` is resume."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: schedule_module.Schedule
+    config: dict[str, Any] = field(default_factory=dict)  # the one config: also config.json
+    scaler: torch.amp.GradScaler | None = None
+    stopper: utils.EarlyStopping = field(default_factory=utils.EarlyStopping)
+    ema: AveragedModel | None = None
+    epoch: int = 0  # the last finished epoch
+    progress: dict[str, Any] | None = None  # the epoch in progress: step, loss_sum, preds, targets, time_s
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_probs: torch.Tensor | None = None  # validation probabilities at the best epoch (for oof.csv)
+    val_idx: list[int] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # log.csv
+    folds_left: list[int] = field(default_factory=list)  # of a k-fold run, after this one
+    finished: bool = False
+
+    def state_dict(self, weights: nn.Module | None = None, rng: bool = True) -> dict[str, Any]:
+        """The checkpoint: `weights` (default: the model) unwrapped, and the rest of the run's state."""
+        return {
+            "model": utils.clean_state_dict(utils.unwrap_model(weights or self.model).state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "stopper": self.stopper.state_dict(),
+            "epoch": self.epoch,
+            "progress": self.progress,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_probs": self.best_probs,
+            "val_idx": list(self.val_idx),
+            "rows": self.rows,
+            "folds_left": list(self.folds_left),
+            "finished": self.finished,
+            "rng": rng_state() if rng else None,
+            "config": self.config,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by `state_dict()` (the random generators included)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.stopper.load_state_dict(state["stopper"])
+        self.epoch, self.progress, self.rows = state["epoch"], state["progress"], state["rows"]
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_probs, self.val_idx = state.get("best_probs"), list(state.get("val_idx", []))
+        self.folds_left, self.finished = list(state.get("folds_left", [])), bool(state.get("finished"))
+        if state.get("rng"):
+            set_rng_state(state["rng"])
+
+    def new_progress(self, epoch: int) -> dict[str, Any]:
+        self.progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
+        return self.progress
+
+
+def fold_result(state: dict[str, Any] | RunState) -> dict[str, Any]:
+    """What a finished split contributes to oof.csv: validation indices, best probabilities and score."""
+    if isinstance(state, RunState):
+        state = {"val_idx": state.val_idx, "best_probs": state.best_probs, "best_score": state.best_score}
+    probs = state["best_probs"]
+    return {
+        "val_idx": np.asarray(state["val_idx"], dtype=np.int64),
+        "probs": probs.numpy() if probs is not None else None,
+        "best_score": state["best_score"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
 # One epoch
 def train_one_epoch(
     model: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    loader: Any,
     criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: schedule_module.Schedule,
+    state: RunState,
+    settings: LoopSettings,
     device: torch.device,
-    args: Any,
     num_classes: int,
-    progress: dict[str, Any],
-    scaler: torch.amp.GradScaler | None = None,
-    ema: AveragedModel | None = None,
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stop: StopRequest | None = None,
-    to_class_logits: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> bool:
-    """Train over `loader`, accumulating into `progress` (step, loss_sum, preds, targets: what a resumed
-    epoch needs to continue its metrics). Returns False when `stop` interrupted the epoch.
-
-    `args` supplies amp, grad_accum, clip_grad, mixup, cutmix, cutmix_mode, mix_prob, channels_last."""
+    """Train `model` (the state's model, maybe wrapped) over `loader`, accumulating into `state.progress`
+    (step, steps, loss_sum, preds, targets: what a resumed epoch needs to continue its metrics). Returns False
+    when `stop` interrupted the epoch."""
     model.train()
-    scaler = scaler or make_scaler("off", device)
-    accum = args.grad_accum
+    progress, optimizer = state.progress, state.optimizer
+    scaler = state.scaler or make_scaler("off", device)
+    accum, mixing = settings.grad_accum, settings.mixup > 0 or settings.cutmix > 0
     bar = tqdm(loader, desc=f"epoch {progress['epoch']}", leave=False, disable=not sys.stderr.isatty())
     optimizer.zero_grad(set_to_none=True)
     for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
-        if args.channels_last:
+        if settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         mixed, soft = augmentation.mix_batch(
-            images, targets, num_classes, args.mixup, args.cutmix, args.cutmix_mode, args.mix_prob
+            images, targets, num_classes, settings.mixup, settings.cutmix, settings.cutmix_mode, settings.mix_prob
         )
-        mixing = args.mixup > 0 or args.cutmix > 0
-        with autocast(args.amp, device):
+        with autocast(settings.amp, device):
             outputs = model(mixed)
             loss = criterion(outputs.float(), soft if mixing else targets)
         scaler.scale(loss / accum).backward()
         progress["step"] += 1
         # Step every `accum` micro-batches, and on the epoch's last batch so no gradient is carried over.
         if progress["step"] % accum == 0 or progress["step"] == progress["steps"]:
-            if args.clip_grad:
+            if settings.clip_grad:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            schedule.step_batch()
-            if ema is not None:
-                ema.update_parameters(utils.unwrap_model(model))
+            state.schedule.step_batch()
+            if state.ema is not None:
+                state.ema.update_parameters(utils.unwrap_model(model))
         if not torch.isfinite(loss):
             raise UserError(
                 f"the loss became {loss.item()} at epoch {progress['epoch']}: lower --lr, or use --clip_grad 1"
             )
         progress["loss_sum"] += loss.item() * len(targets)
-        progress["preds"].append(to_class_logits(outputs.detach().float()).argmax(1).cpu())
+        progress["preds"].append(model_module.to_class_logits(outputs.detach().float(), model).argmax(1).cpu())
         progress["targets"].append(targets.cpu())
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if progress["step"] % accum == 0 and utils.any_rank(bool(stop)):  # all ranks stop at the same step
@@ -247,7 +362,79 @@ def train_one_epoch(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loaders and the loop over epochs
+# The one prediction loop.
+@dataclass
+class Evaluation:
+    """What `evaluate` returns: raw outputs of the untouched view, class probabilities averaged over the views,
+    and, with targets, loss (with a criterion), accuracy and macro F1."""
+
+    outputs: torch.Tensor
+    probs: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def gather_in_order(part: torch.Tensor) -> torch.Tensor:
+    """Every rank's share of a strided split (rank r holds items r, r + world, ...) back in item order."""
+    parts = utils.gather_objects(part)
+    if len(parts) == 1:
+        return part
+    out = torch.empty(sum(len(p) for p in parts), *part.shape[1:], dtype=part.dtype)
+    for r, p in enumerate(parts):
+        out[r :: len(parts)] = p
+    return out
+
+
+def rank_share(subset: torch.utils.data.Dataset, rank: int, world: int) -> torch.utils.data.Dataset:
+    """This rank's items of `subset` for `evaluate`: every world-th one, so the gather restores the order."""
+    return subset if world == 1 else torch.utils.data.Subset(subset, range(rank, len(subset), world))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    *,
+    views: Sequence[str] = ("identity",),
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    amp: str = "off",
+    criterion: nn.Module | None = None,
+    targets: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    progress: str | None = None,
+) -> Evaluation:
+    """Predict every batch `(images, _)` of `loader` in order, each TTA view (augmentation.VIEWS, taken after
+    `batch_transform`, the normalization the loader left to the device) in its own forward pass. Under torchrun
+    the loader holds this rank's `rank_share` and the result is every rank's, gathered in order."""
+    model.eval()
+    outputs, probs = [], []
+    for images, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty()):
+        images = images.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
+        total = torch.zeros(())
+        for k, name in enumerate(views):
+            with autocast(amp, device):
+                out = model(augmentation.VIEWS[name](images)).float().cpu()
+            if k == 0:
+                outputs.append(out)
+            total = total + torch.softmax(model_module.to_class_logits(out, model), dim=1)
+        probs.append(total / len(views))
+    result = Evaluation(gather_in_order(torch.cat(outputs)), gather_in_order(torch.cat(probs)))
+    if targets is not None:
+        truth = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+        preds = result.probs.argmax(1).numpy()
+        result.metrics = {
+            "acc": float((preds == truth.numpy()).mean()),
+            "f1": utils.macro_f1(truth.numpy(), preds, num_classes),
+        }
+        if criterion is not None:
+            result.metrics["loss"] = criterion(result.outputs.to(device), truth.to(device)).item()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loaders
 def loader_workers(subset: torch.utils.data.Dataset, num_workers: int) -> int:
     """`num_workers`, or none when each batch is one copy out of the RAM cache (ImageSubset.gather): handing
     batches over from worker processes costs more than making them (bench/bench_data.py)."""
@@ -258,13 +445,13 @@ def loader_workers(subset: torch.utils.data.Dataset, num_workers: int) -> int:
 def make_loader(
     subset: torch.utils.data.Dataset,
     batch_size: int,
-    args: Namespace,
+    settings: LoopSettings,
     device: torch.device,
     sampler: EpochSampler | None = None,
 ) -> DataLoader:
     """A training loader (with `sampler`: the order is a function of seed and epoch, see EpochSampler) or a
     validation loader (in order, every image once)."""
-    workers = loader_workers(subset, args.num_workers)
+    workers = loader_workers(subset, settings.num_workers)
     return DataLoader(
         subset,
         batch_size=batch_size,
@@ -272,250 +459,319 @@ def make_loader(
         # A last training batch of one image breaks BatchNorm; validation always sees every image.
         drop_last=sampler is not None and len(sampler) % batch_size == 1,
         num_workers=workers,
-        pin_memory=device.type == "cuda" if args.pin_memory is None else args.pin_memory,
-        persistent_workers=workers > 0 and args.persistent_workers,
-        prefetch_factor=args.prefetch_factor if workers > 0 else None,
+        pin_memory=device.type == "cuda" if settings.pin_memory is None else settings.pin_memory,
+        persistent_workers=workers > 0 and settings.persistent_workers,
+        prefetch_factor=settings.prefetch_factor if workers > 0 else None,
         worker_init_fn=utils.seed_worker,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(settings.seed),
     )
 
 
+@dataclass
+class Split:
+    """The training and validation images of one split (the holdout or a fold) and their loaders."""
+
+    train_set: dataset_module.ImageSubset
+    val_set: dataset_module.ImageSubset
+    val_idx: np.ndarray
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None  # on the device, after the loader
+    eval_batch_transform: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def build_split(
+    config: dict[str, Any], data: Any, aug: Any, cache: Any, fold: int | None, device: torch.device, world: int
+) -> Split:
+    settings, rank = LoopSettings.from_config(config), utils.rank()
+    split = data.split_dataset() if fold is None else data.split_dataset(fold=fold, n_splits=config["n_splits"])
+    train_idx, val_idx = split
+    # The loaders hand over uint8 pixels and the device normalizes whole batches, when the preset allows it.
+    train_transform, batch_transform = augmentation.split_for_device(aug.train_transform)
+    eval_transform, eval_batch_transform = augmentation.split_for_device(aug.eval_transform)
+    if config.get("gpu_aug"):  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
+        train_transform = augmentation.to_uint8_tensor
+        batch_transform = augmentation.BatchAugment(config["resize"], config["mean"], config["std"], aug.crop_fraction)
+    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache)
+    val_set = dataset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
+    class_counts = np.bincount(train_set.targets, minlength=data.num_classes)
+    # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
+    weights = 1.0 / class_counts[train_set.targets] if config.get("sampler") == "weighted" else None
+    sampler = EpochSampler(len(train_set), settings.seed, weights, rank, world)
+    return Split(
+        train_set,
+        val_set,
+        np.asarray(val_idx),
+        sampler,
+        make_loader(train_set, settings.batch_size, settings, device, sampler),
+        make_loader(rank_share(val_set, rank, world), settings.valid_batch_size, settings, device),
+        batch_transform,
+        eval_batch_transform,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building a run
+def build_state(config: dict[str, Any], split: Split, num_classes: int, device: torch.device, world: int) -> RunState:
+    """A fresh RunState for `config`: model (initialised from the current RNG), EMA, optimizer, schedule, scaler."""
+    model = model_module.build_model(
+        config["model"], num_classes, config.get("pretrained", False), config.get("pretrained_path"),
+        backbone=config.get("backbone"),
+    )  # fmt: skip
+    if world > 1 and config.get("sync_bn"):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if config.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = schedule_module.build_optimizer(
+        model, config["optimizer"], config["lr"], config["weight_decay"], config["momentum"],
+        config.get("decay_norm_bias", False),
+    )  # fmt: skip
+    steps = math.ceil(len(split.train_loader) / config.get("grad_accum", 1))
+    schedule = schedule_module.Schedule(
+        optimizer, config["scheduler"], config["epochs"], steps, config.get("warmup_epochs", 0.0),
+        config.get("lr_decay_step", 20), config.get("gamma", 0.5),
+    )  # fmt: skip
+    return RunState(
+        model,
+        optimizer,
+        schedule,
+        config,
+        scaler=make_scaler(config.get("amp", "off"), device),
+        stopper=utils.EarlyStopping(config.get("patience", 0)),
+        ema=schedule_module.make_ema(model, config["ema"]) if config.get("ema") else None,
+        val_idx=split.val_idx.tolist(),
+    )
+
+
+def build_criterion(config: dict[str, Any], split: Split, model: nn.Module, num_classes: int) -> nn.Module:
+    return loss_module.create_criterion(
+        config["criterion"],
+        num_classes=num_classes,
+        class_counts=np.bincount(split.train_set.targets, minlength=num_classes).tolist(),
+        class_weights=config.get("class_weights", False),
+        tasks=model_module.task_sizes(model),
+        task_weights=config.get("task_weights"),
+    )
+
+
+def wrap_model(model: nn.Module, config: dict[str, Any], device: torch.device, world: int) -> nn.Module:
+    """The model as training calls it: compiled (--compile), in DistributedDataParallel or DataParallel."""
+    net = maybe_compile(model, config.get("compile", False), config["resize"], device)
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and config.get("data_parallel", True):
+        return torch.nn.DataParallel(net)
+    return net
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop over epochs
+class Trainer:
+    """Trains one split into `run_dir` through its RunState: epochs, validation, reports and checkpoints."""
+
+    def __init__(
+        self,
+        state: RunState,
+        split: Split,
+        criterion: nn.Module,
+        data: Any,
+        run_dir: Path,
+        device: torch.device,
+        world: int = 1,
+    ) -> None:
+        self.state, self.split, self.data, self.run_dir, self.device = state, split, data, run_dir, device
+        self.settings = LoopSettings.from_config(state.config)
+        self.criterion = criterion.to(device)
+        self.num_classes = data.num_classes
+        self.main_rank = utils.rank() == 0
+        self.train_model = wrap_model(state.model, state.config, device, world)
+        self.writer = None
+
+    def save(self, name: str, weights: nn.Module | None = None) -> None:
+        if self.main_rank:
+            state = self.state.state_dict(weights, rng=name == "last.pth")
+            utils.save_checkpoint(self.run_dir / name, **state)
+
+    def train_epoch(self, epoch: int, stop: StopRequest) -> dict[str, float] | None:
+        """One pass over the training split (or the rest of it, after a resume); None when stopped."""
+        start, s = time.time(), self.state
+        progress = s.progress if s.progress is not None else s.new_progress(epoch)
+        self.split.sampler.set_epoch(epoch, start=progress["step"] * self.settings.batch_size)
+        progress["steps"] = progress["step"] + len(self.split.train_loader)
+        finished = train_one_epoch(
+            self.train_model, self.split.train_loader, self.criterion, s, self.settings, self.device,
+            self.num_classes, self.split.batch_transform, stop,
+        )  # fmt: skip
+        progress["time_s"] += time.time() - start
+        if not finished:
+            return None
+        gathered = utils.gather_objects((progress["loss_sum"], progress["preds"], progress["targets"]))
+        preds = torch.cat([t for _, p, _ in gathered for t in p]).numpy()
+        targets = torch.cat([t for _, _, g in gathered for t in g]).numpy()
+        s.progress = None
+        return {
+            "train_loss": sum(g[0] for g in gathered) / len(targets),
+            "train_acc": float((preds == targets).mean()),
+            "train_f1": utils.macro_f1(targets, preds, self.num_classes),
+            "time_s": progress["time_s"],
+        }
+
+    def validate(self, net: nn.Module, name: str) -> Evaluation:
+        return evaluate(
+            net, self.split.val_loader, self.device, batch_transform=self.split.eval_batch_transform,
+            amp=self.settings.amp, criterion=self.criterion, targets=self.split.val_set.targets,
+            num_classes=self.num_classes, progress=name,
+        )  # fmt: skip
+
+    def validate_epoch(self, epoch: int, train: dict[str, float]) -> tuple[dict[str, Any], Evaluation, nn.Module]:
+        """The epoch's row of log.csv, the chosen weights' evaluation and those weights (raw, or EMA when better)."""
+        start, metric = time.time(), self.settings.eval_metric
+        chosen, weights = self.validate(self.train_model, "validation"), self.state.model
+        row = {"epoch": epoch, **{k: v for k, v in train.items() if k != "time_s"}}
+        row.update({f"val_{k}": chosen.metrics[k] for k in ("loss", "acc", "f1")})
+        if self.state.ema is not None:
+            ema = self.validate(self.state.ema.module, "validation (EMA)")
+            row.update({f"ema_val_{k}": ema.metrics[k] for k in ("loss", "acc", "f1")})
+            if score_of(ema.metrics, metric) > score_of(chosen.metrics, metric):
+                chosen, weights = ema, self.state.ema.module
+        val_preds = chosen.probs.argmax(1).numpy()
+        row.update(report.task_metrics(self.data, self.split.val_set.targets, val_preds))
+        score = score_of(chosen.metrics, metric)
+        row.update(
+            score=chosen.metrics[EVAL_METRICS[metric]],
+            lr=self.state.schedule.lr,
+            time_s=train["time_s"] + time.time() - start,
+            best=score > self.state.best_score,
+        )
+        return row, chosen, weights
+
+    def end_epoch(self, row: dict[str, Any], chosen: Evaluation, weights: nn.Module) -> bool:
+        """Record the epoch in the state and on disk; True when early stopping ends the run."""
+        s, score = self.state, score_of(chosen.metrics, self.settings.eval_metric)
+        s.rows.append(row)
+        s.epoch = row["epoch"]
+        print(report.log_line(row, self.settings.epochs, self.settings.eval_metric), flush=True)
+        s.schedule.step_epoch(score)
+        if row["best"]:
+            s.best_score, s.best_epoch, s.best_probs = score, row["epoch"], chosen.probs
+        stopping = s.stopper.step(score)
+        if self.main_rank:
+            self.report_epoch(row, chosen, weights)
+        return stopping
+
+    def report_epoch(self, row: dict[str, Any], chosen: Evaluation, weights: nn.Module) -> None:
+        val_set, config = self.split.val_set, self.state.config
+        report.write_log(self.run_dir / "log.csv", self.state.rows)
+        val_preds = chosen.probs.argmax(1).numpy()
+
+        def first_val_images() -> torch.Tensor:
+            """The first 16 validation images as the network sees them, for TensorBoard."""
+            images = torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))])
+            transform = self.split.eval_batch_transform
+            return images if transform is None else transform(images)
+
+        report.log_epoch(
+            self.writer, row, val_set.targets, val_preds, self.data.class_names, first_val_images,
+            config["mean"], config["std"],
+        )  # fmt: skip
+        if row["best"]:
+            self.save("best.pth", weights)
+            report.write_best_reports(
+                self.run_dir, self.data, self.split.val_idx, val_set.targets, chosen.probs.numpy(), val_set.pixels,
+                self.writer, row["epoch"],
+            )  # fmt: skip
+        self.save("last.pth")
+
+    def run(self) -> bool:
+        """Train the remaining epochs; False when a signal stopped training (last.pth holds where)."""
+        s = self.state
+        first = s.progress["epoch"] if s.progress else s.epoch + 1
+        with StopRequest() as stop:
+            for epoch in range(first, self.settings.epochs + 1):
+                train = self.train_epoch(epoch, stop)
+                if train is None:
+                    self.save("last.pth")
+                    print(
+                        f"Stopped by {stop.signal or 'a signal'} in epoch {epoch} after step {s.progress['step']}; "
+                        f"saved {self.run_dir / 'last.pth'}. Continue with: python train.py --resume {self.run_dir}"
+                    )
+                    return False
+                if self.end_epoch(*self.validate_epoch(epoch, train)):
+                    print(f"Early stopping: no better validation {self.settings.eval_metric} for {s.stopper.patience}"
+                          " epochs")  # fmt: skip
+                    break
+                if utils.any_rank(bool(stop)):
+                    print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume "
+                          f"{self.run_dir}")  # fmt: skip
+                    return False
+        s.finished = True
+        self.save("last.pth")
+        return True
+
+    def finish(self) -> None:
+        """The run's final metrics (TensorBoard HParams) and where to go next."""
+        s, metric = self.state, self.settings.eval_metric
+        best_row = next((r for r in s.rows if r["epoch"] == s.best_epoch), {})
+        if self.writer is not None:
+            metrics = {"hparam/best_score": best_row.get("score", s.best_score), "hparam/best_epoch": s.best_epoch}
+            metrics["hparam/best_val_f1"] = best_row.get("val_f1", 0.0)
+            metrics |= {f"hparam/{k}": best_row[k] for k in ("val_mask_acc", "val_gender_acc", "val_age_acc")
+                        if k in best_row}  # fmt: skip
+            report.log_hparams(self.writer, s.config, metrics)
+        name = "macro F1" if metric == "macro_f1" else metric
+        print(f"Best validation {name} {best_row.get('score', s.best_score):.4f} at epoch {s.best_epoch}; saved in "
+              f"{self.run_dir}")  # fmt: skip
+        print(f"Next: python inference.py --model_dir {self.run_dir}")
+
+
 def fit(
-    args: Namespace,
+    config: dict[str, Any],
     data: Any,
     aug: Any,
     cache: Any,
     fold: int | None,
     run_dir: Path,
-    config: dict[str, Any],
-    checkpoint: dict[str, Any] | None,
-    rank: int,
-    world: int,
     device: torch.device,
+    world: int = 1,
+    checkpoint: dict[str, Any] | None = None,
+    folds_left: Sequence[int | None] = (),
 ) -> dict[str, Any] | None:
-    """Train one split (the holdout or one fold) into `run_dir`. Returns the validation indices and the class
-    probabilities of the best epoch (for out-of-fold predictions), or None when a signal stopped training."""
-    num_classes, main_rank = data.num_classes, rank == 0
-    train_idx, val_idx = data.split_dataset() if fold is None else data.split_dataset(fold=fold, n_splits=args.n_splits)
-    # The loaders hand over uint8 pixels and the device normalizes whole batches, when the preset allows it.
-    train_transform, batch_transform = augmentation.split_for_device(aug.train_transform)
-    eval_transform, eval_batch_transform = augmentation.split_for_device(aug.eval_transform)
-    if args.gpu_aug:  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
-        train_transform = augmentation.to_uint8_tensor
-        batch_transform = augmentation.BatchAugment(args.resize, config["mean"], config["std"], aug.crop_fraction)
-    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache)
-    val_set = dataset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
-    class_counts = np.bincount(train_set.targets, minlength=num_classes)
-    # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
-    weights = 1.0 / class_counts[train_set.targets] if args.sampler == "weighted" else None
-    sampler = EpochSampler(len(train_set), args.seed, weights, rank, world)
-    train_loader = make_loader(train_set, args.batch_size, args, device, sampler)
-    # Each rank validates every world-th image; gathered back in order, every image counts exactly once.
-    val_part = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    val_loader = make_loader(val_part, args.valid_batch_size, args, device)
+    """Train one split (the holdout or one fold) into `run_dir`, from the start or from `checkpoint`. Returns the
+    split's `fold_result` (for out-of-fold predictions), or None when a signal stopped training."""
+    utils.seed_everything(config["seed"])  # each split alone: --fold 2 trains as fold 2 of --fold all does
+    split = build_split(config, data, aug, cache, fold, device, world)
     print(
-        f"Data: {config['data_dir']} | {len(data)} images, {len(train_set)} train / {len(val_set)} val "
+        f"Data: {config['data_dir']} | {len(data)} images, {len(split.train_set)} train / {len(split.val_set)} val "
         f"({type(data).__name__}) | device {device}{f' x {world} processes' if world > 1 else ''}"
     )
-
-    model = model_module.build_model(
-        args.model, num_classes, args.pretrained, args.pretrained_path, backbone=args.backbone
-    )
-    if world > 1 and args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = schedule_module.make_ema(model, args.ema) if args.ema else None
-    criterion = loss_module.create_criterion(
-        args.criterion,
-        num_classes=num_classes,
-        class_counts=class_counts.tolist(),
-        class_weights=args.class_weights,
-        tasks=model_module.task_sizes(model),
-        task_weights=args.task_weights,
-    ).to(device)
-    optimizer = schedule_module.build_optimizer(
-        model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.decay_norm_bias
-    )
-    steps = math.ceil(len(train_loader) / args.grad_accum)
-    schedule = schedule_module.Schedule(
-        optimizer, args.scheduler, args.epochs, steps, args.warmup_epochs, args.lr_decay_step, args.gamma
-    )
-    scaler = make_scaler(args.amp, device)
-    stopper = utils.EarlyStopping(args.patience)
-    rows: list[dict[str, Any]] = []
-    best_f1, best_epoch, first_epoch, progress, best_probs = -1.0, 0, 1, None, None
+    state = build_state(config, split, data.num_classes, device, world)
+    state.folds_left = [f for f in folds_left if f is not None]
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema"):
-            ema.load_state_dict(checkpoint["ema"])
-        stopper.load_state_dict(checkpoint["stopper"])
-        rows, best_f1, best_epoch = checkpoint["rows"], checkpoint["best_score"], checkpoint["best_epoch"]
-        progress = checkpoint["progress"]
-        first_epoch = progress["epoch"] if progress else checkpoint["epoch"] + 1
-        set_rng_state(checkpoint["rng"])
-        config["resumed"] = [
-            *config.get("resumed", []),
-            {"from_epoch": checkpoint["epoch"], "command": " ".join(sys.argv)},
+        state.load_state_dict(checkpoint)
+        state.config["resumed"] = [
+            *state.config.get("resumed", []),
+            {"from_epoch": state.epoch, "command": " ".join(sys.argv)},
         ]
-        steps_done = f" and {progress['step']} steps of epoch {progress['epoch']}" if progress else ""
-        print(f"Resuming {run_dir} after epoch {checkpoint['epoch']}{steps_done}")
-    train_model = maybe_compile(model, args, device)
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    elif device.type == "cuda" and torch.cuda.device_count() > 1 and args.data_parallel:
-        train_model = torch.nn.DataParallel(train_model)
-    config.update(train_images=len(train_set), val_images=len(val_set))
-    writer = None
-    if main_rank:
-        utils.save_json(config, run_dir / "config.json")
+        steps = f" and {state.progress['step']} steps of epoch {state.progress['epoch']}" if state.progress else ""
+        print(f"Resuming {run_dir} after epoch {state.epoch}{steps}")
+    config.update(train_images=len(split.train_set), val_images=len(split.val_set))
+    trainer = Trainer(state, split, build_criterion(config, split, state.model, data.num_classes), data, run_dir,
+                      device, world)  # fmt: skip
+    if trainer.main_rank:
+        rundir.save_config(config, run_dir)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir))
+        trainer.writer = SummaryWriter(str(run_dir))
     print(f"Run directory: {run_dir}")
-
-    val_targets = torch.as_tensor(val_set.targets)
-
-    def first_val_images() -> torch.Tensor:
-        """The first 16 validation images as the network sees them, for TensorBoard."""
-        images = torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))])
-        return images if eval_batch_transform is None else eval_batch_transform(images)
-
-    to_logits = functools.partial(model_module.to_class_logits, model=model)
-
-    def validate(net: torch.nn.Module, name: str) -> torch.Tensor:
-        with autocast(args.amp, device):
-            part = utils.predict(net, val_loader, device, progress=name, batch_transform=eval_batch_transform)
-        outputs = torch.empty(len(val_set), *part.shape[1:])
-        for r, p in enumerate(utils.gather_objects(part)):
-            outputs[r::world] = p
-        return outputs
-
-    def state(epoch: int, progress: dict[str, Any] | None, weights: torch.nn.Module) -> dict[str, Any]:
-        return {
-            "model": weights,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch,
-            "progress": progress,
-            "best_score": best_f1,
-            "best_epoch": best_epoch,
-            "stopper": stopper.state_dict(),
-            "rows": rows,
-            "rng": rng_state(),
-            "config": config,
-        }
-
-    with StopRequest() as stop:
-        for epoch in range(first_epoch, args.epochs + 1):
-            start = time.time()
-            if progress is None:
-                progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
-            sampler.set_epoch(epoch, start=progress["step"] * args.batch_size)
-            progress["steps"] = progress["step"] + len(train_loader)
-            finished = train_one_epoch(
-                train_model,
-                train_loader,
-                criterion,
-                optimizer,
-                schedule,
-                device,
-                args,
-                num_classes,
-                progress,
-                scaler,
-                ema,
-                batch_transform,
-                stop,
-                to_logits,
-            )
-            progress["time_s"] += time.time() - start
-            if not finished:
-                if main_rank:
-                    utils.save_checkpoint(run_dir / "last.pth", **state(epoch - 1, progress, model))
-                    writer.close()
-                print(
-                    f"Stopped by {stop.signal or 'a signal'} in epoch {epoch} after step {progress['step']}; saved "
-                    f"{run_dir / 'last.pth'}. Continue with: python train.py --resume {run_dir}"
-                )
-                return None
-            gathered = utils.gather_objects((progress["loss_sum"], progress["preds"], progress["targets"]))
-            train_preds = torch.cat([t for _, p, _ in gathered for t in p]).numpy()
-            train_targets = torch.cat([t for _, _, g in gathered for t in g]).numpy()
-            train_loss, train_time = sum(g[0] for g in gathered) / len(train_targets), progress["time_s"]
-            progress = None
-
-            start = time.time()
-            outputs = validate(train_model, "validation")
-            val_loss = criterion(outputs.to(device), val_targets.to(device)).item()
-            probs = torch.softmax(to_logits(outputs), 1)
-            val_preds = probs.argmax(1).numpy()
-            val_f1 = utils.macro_f1(val_set.targets, val_preds, num_classes)
-            score, best_weights = val_f1, model
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_acc": float((train_preds == train_targets).mean()),
-                "train_f1": utils.macro_f1(train_targets, train_preds, num_classes),
-                "val_loss": val_loss,
-                "val_acc": float((val_preds == val_set.targets).mean()),
-                "val_f1": val_f1,
-            }
-            if ema is not None:
-                ema_probs = torch.softmax(to_logits(validate(ema.module, "validation (EMA)")), 1)
-                row["ema_val_f1"] = utils.macro_f1(val_set.targets, ema_probs.argmax(1).numpy(), num_classes)
-                if row["ema_val_f1"] > val_f1:
-                    score, best_weights, probs = row["ema_val_f1"], ema.module, ema_probs
-                    val_preds = probs.argmax(1).numpy()
-            row.update(report.task_metrics(data, val_set.targets, val_preds))
-            is_best = score > best_f1
-            row.update({"lr": schedule.lr, "time_s": train_time + time.time() - start, "best": is_best})
-            rows.append(row)
-            print(report.log_line(row, args.epochs), flush=True)
-            schedule.step_epoch(score)
-            if is_best:
-                best_f1, best_epoch, best_probs = score, epoch, probs.numpy()
-            stopping = stopper.step(score)
-            if main_rank:
-                report.write_log(run_dir / "log.csv", rows)
-                report.log_epoch(
-                    writer,
-                    row,
-                    val_set.targets,
-                    val_preds,
-                    data.class_names,
-                    first_val_images,
-                    config["mean"],
-                    config["std"],
-                )
-                if is_best:
-                    utils.save_checkpoint(run_dir / "best.pth", **{**state(epoch, None, best_weights), "rng": None})
-                    report.write_best_reports(
-                        run_dir, data, val_idx, val_set.targets, probs.numpy(), val_set.pixels, writer, epoch
-                    )
-                utils.save_checkpoint(run_dir / "last.pth", **state(epoch, None, model))
-            if stopping:
-                print(f"Early stopping: no better validation macro F1 for {args.patience} epochs")
-                break
-            if utils.any_rank(bool(stop)):
-                print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume {run_dir}")
-                return None
-    if writer is not None:
-        best_row = next(r for r in rows if r["epoch"] == best_epoch)
-        metrics = {"hparam/best_val_f1": best_f1, "hparam/best_epoch": best_epoch}
-        metrics |= {
-            f"hparam/{k}": best_row[k] for k in ("val_mask_acc", "val_gender_acc", "val_age_acc") if k in best_row
-        }
-        report.log_hparams(writer, config, metrics)
-        writer.close()
-    print(f"Best validation macro F1 {best_f1:.4f} at epoch {best_epoch}; saved in {run_dir}")
-    print(f"Next: python inference.py --model_dir {run_dir}")
-    return {"val_idx": val_idx, "probs": best_probs, "best_f1": best_f1}
+    try:
+        if not trainer.run():
+            return None
+        trainer.finish()
+    finally:
+        if trainer.writer is not None:
+            trainer.writer.close()
+    return fold_result(state)

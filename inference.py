@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import re
-import sys
 import tempfile
 from argparse import Namespace
 from collections.abc import Callable, Sequence
@@ -27,93 +24,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import augmentation as augmentation_module
 import cache as cache_module
 import dataset as dataset_module
-import model as model_module
+import engine
+import imaging
+import rundir
 import utils
 from utils import UserError
 
 DEFAULT_EVAL_DIR = "/opt/ml/input/data/eval"  # the competition server's layout
-FOLD_DIR = re.compile(r"fold(\d+)")  # fold subdirectories of a k-fold run: fold0, fold1, ...
-
-
-# ---------------------------------------------------------------------------------------------------
-# Test-time augmentation: views of a batch of normalized (N, C, H, W) tensors, after the run's eval transform,
-# so they work whatever that transform is. Portrait face photos are left-right symmetric and roughly centred:
-# mirrors, small shifts and a slight zoom keep the face whole; vertical flips and rotations would not.
-def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """`x` moved down by `dy` and right by `dx` pixels (negative: up/left); the uncovered edge repeats the border."""
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
-    top, left = max(-dy, 0), max(-dx, 0)
-    return padded[..., top : top + h, left : left + w]
-
-
-def _step(size: int) -> int:
-    return max(1, round(size * 0.05))  # 5% of the side: a few pixels, as far as faces sit off-centre
-
-
-def _zoom(x: torch.Tensor, scale: float = 1.1) -> torch.Tensor:
-    """The central 1/scale of `x`, resized back to its size (the face seen 10% closer)."""
-    h, w = x.shape[-2:]
-    ch, cw = round(h / scale), round(w / scale)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return F.interpolate(x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False)
-
-
-VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda x: x,
-    "hflip": lambda x: x.flip(-1),
-    "up": lambda x: _shift(x, -_step(x.shape[-2]), 0),
-    "down": lambda x: _shift(x, _step(x.shape[-2]), 0),
-    "left": lambda x: _shift(x, 0, -_step(x.shape[-1])),
-    "right": lambda x: _shift(x, 0, _step(x.shape[-1])),
-    "zoom": _zoom,
-    "zoom_hflip": lambda x: _zoom(x).flip(-1),
-}
-TTA = {
-    "none": ("identity",),
-    "flip": ("identity", "hflip"),
-    "flip_shift": ("identity", "hflip", "up", "down", "left", "right"),
-    "flip_zoom": ("identity", "hflip", "zoom", "zoom_hflip"),
-}
-
-
-def tta_views(presets: Sequence[str]) -> tuple[str, ...]:
-    """The views of the `--tta` presets, each once, in order."""
-    return tuple(dict.fromkeys(view for preset in presets for view in TTA[preset]))
-
-
-@torch.no_grad()
-def predict_probs(
-    model: torch.nn.Module,
-    loader: Any,
-    device: torch.device,
-    views: Sequence[str] = ("identity",),
-    progress: str | None = None,
-    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """(N, num_classes) class probabilities of every batch `(images, _)` of `loader`, averaged over `views`
-    (taken after `batch_transform`, the normalization the loader left to the device)."""
-    from tqdm import tqdm
-
-    model.eval()
-    out = []
-    for images, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty()):
-        images = images.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images = batch_transform(images)
-        total = torch.zeros(())
-        for name in views:  # one forward pass per view, so the identity view sees exactly the untouched batch
-            logits = model_module.to_class_logits(model(VIEWS[name](images)), model).float().cpu()
-            total = total + torch.softmax(logits, dim=1)
-        out.append(total / len(views))
-    return torch.cat(out)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -141,7 +64,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--tta",
         nargs="+",
-        choices=tuple(TTA),
+        choices=tuple(augmentation_module.TTA),
         default=["none"],
         help="test-time augmentation; class probabilities are averaged over the views of the given presets: "
         "flip = image + its mirror (2 passes); flip_shift = those + the image moved 5%% of its side up, down, "
@@ -202,53 +125,18 @@ def get_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------
 # Runs and ensembles.
-def fold_dirs(folder: Path) -> list[Path]:
-    """The `fold{k}` subdirectories of a k-fold run directory that hold a config.json, by fold number."""
-    if not folder.is_dir():
-        return []
-    folds = [p for p in folder.iterdir() if FOLD_DIR.fullmatch(p.name) and (p / "config.json").is_file()]
-    return sorted(folds, key=lambda p: int(p.name[4:]))
-
-
-def expand_run_dir(model_dir: str) -> list[Path]:
-    """The run directories one --model_dir entry stands for: its folds for a k-fold run, else itself."""
-    run = Path(model_dir)
-    folds = fold_dirs(run)
-    if folds:
-        return folds
-    if not (run / "config.json").is_file():
-        raise UserError(
-            f"--model_dir {run} has no config.json: pass a run directory written by train.py "
-            "(or a k-fold run directory holding fold0/, fold1/, ...)"
-        )
-    return [run]
-
-
-def resolve_run_dir(model_dir: str | None) -> Path:
-    """The given run directory, else the most recently trained run (or k-fold run) under $SM_MODEL_DIR or ./model."""
-    if model_dir:
-        return Path(model_dir)
-    root = Path(utils.env_value("SM_MODEL_DIR", "./model"))
-    found = [(p, p.parent) for p in root.glob("*/best.pth")]
-    found += [(p, p.parent.parent) for p in root.glob("*/fold*/best.pth") if FOLD_DIR.fullmatch(p.parent.name)]
-    if not found:
-        raise UserError(f"no trained run found under {root}: run python train.py first, or pass --model_dir")
-    newest = max(found, key=lambda item: item[0].stat().st_mtime)[1]
-    print(f"Using the newest run: {newest}")
-    return newest
-
-
 @dataclass
 class Member:
-    """One run of the ensemble: where it is, its share of the probability average, its config."""
+    """One model of the ensemble: its checkpoint, its share of the probability average, its run's config."""
 
-    run_dir: Path
+    checkpoint: Path
     weight: float
     config: dict[str, Any]
 
 
-def resolve_members(model_dirs: Sequence[str], weights: Sequence[float] | None) -> list[Member]:
-    """Every run of the ensemble with its normalized weight; checks the weights and that the runs share classes."""
+def resolve_members(model_dirs: Sequence[str], weights: Sequence[float] | None, which: str) -> list[Member]:
+    """Every checkpoint of the ensemble with its normalized weight; checks the weights and that they share classes.
+    An entry is a run directory, a k-fold run directory (its folds share the entry's weight) or a .pth file."""
     if weights is not None and len(weights) != len(model_dirs):
         raise UserError(
             f"--weights has {len(weights)} value(s) for {len(model_dirs)} --model_dir entr(ies): give one per entry"
@@ -258,59 +146,32 @@ def resolve_members(model_dirs: Sequence[str], weights: Sequence[float] | None) 
         raise UserError(f"--weights {' '.join(f'{w:g}' for w in weights)}: need numbers >= 0 with a positive sum")
     members = []
     for entry, weight in zip(model_dirs, weights, strict=True):
-        runs = expand_run_dir(entry)
-        members += [Member(run, weight / len(runs) / sum(weights), read_config(run)) for run in runs]
+        paths = rundir.checkpoints(entry, which)
+        members += [Member(p, weight / len(paths) / sum(weights), member_config(p)) for p in paths]
     first = members[0]
     for other in members[1:]:
-        a, b = class_names_of(first.config), class_names_of(other.config)
+        a, b = rundir.class_names_of(first.config), rundir.class_names_of(other.config)
         if a != b:
             diffs = [f"class {i} is '{x}' vs '{y}'" for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y]
             why = diffs[0] if diffs else f"{len(a)} vs {len(b)} classes"
             raise UserError(
-                f"{first.run_dir} and {other.run_dir} predict different classes ({why}): "
+                f"{first.checkpoint.parent} and {other.checkpoint.parent} predict different classes ({why}): "
                 "ensemble only runs trained on the same class_names"
             )
     return members
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
-    """The run's config.json, checked for what inference needs."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        config["model"], config["num_classes"], config["augmentation"]  # noqa: B018 - what inference needs
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(
-            f"{run_dir / 'config.json'} is damaged ({type(e).__name__}: {e}); retrain or restore it"
-        ) from None
-    return config
-
-
-def load_model(run_dir: Path, config: dict[str, Any], checkpoint: str) -> torch.nn.Module:
-    """The run's model with the chosen checkpoint's weights, on the CPU, in eval mode."""
-    # A multi-head model also needs its backbone; build_model drops it when None (other models).
-    model = model_module.build_model(config["model"], config["num_classes"], backbone=config.get("backbone"))
-    path = run_dir / f"{checkpoint}.pth"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: the run did not finish an epoch; pick another --model_dir")
-    state = utils.load_checkpoint(path)["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(
-            f"{path} does not match the model in {run_dir / 'config.json'} ({str(e).splitlines()[1][:200]})"
-        ) from None
-    return model.eval()
+def member_config(checkpoint: Path) -> dict[str, Any]:
+    """The run's config.json beside the checkpoint, else the config the checkpoint carries."""
+    if (checkpoint.parent / rundir.CONFIG).is_file():
+        return rundir.read_config(checkpoint.parent)
+    return rundir.load_checkpoint(checkpoint)["config"]
 
 
 def build_augmentation(config: dict[str, Any]) -> Any:
     """The run's augmentation preset at its training size and normalization (its eval_transform and load_size)."""
     aug_cls = utils.find_class(augmentation_module, config["augmentation"], "the run's augmentation")
     return aug_cls(resize=config["resize"], mean=config["mean"], std=config["std"])
-
-
-def class_names_of(config: dict[str, Any]) -> list[str]:
-    """The run's class names; the class indices as text for a run whose config.json predates class_names."""
-    return [str(n) for n in config.get("class_names") or range(config["num_classes"])]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,60 +318,78 @@ def write_probs(path: Path, image_ids: list[str], probs: np.ndarray, class_names
     utils.atomic_write(path, lambda f: table.to_csv(f, index=False))
 
 
-def main(args: Namespace) -> Path:
+def check_members(args: Namespace) -> list[Member]:
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size} must be at least 1")
     # $SM_CHANNEL_MODEL gives one directory; the flag gives a list.
     model_dirs = [args.model_dir] if isinstance(args.model_dir, str) else list(args.model_dir or [])
-    model_dirs = model_dirs or [str(resolve_run_dir(None))]
-    members = resolve_members(model_dirs, args.weights)
+    if not model_dirs:
+        newest = rundir.newest_run(utils.env_value("SM_MODEL_DIR", "./model"))
+        print(f"Using the newest run: {newest}")
+        model_dirs = [str(newest)]
+    members = resolve_members(model_dirs, args.weights, args.checkpoint)
     for m in members:
         if args.resize and list(args.resize) != list(m.config["resize"]):
             raise UserError(
                 f"--resize {args.resize[0]} {args.resize[1]} differs from the run's {m.config['resize'][0]} "
-                f"{m.config['resize'][1]} (height width) in {m.run_dir}: drop --resize, the run's size is used"
+                f"{m.config['resize'][1]} (height width) in {m.checkpoint}: drop --resize, the run's size is used"
             )
-    config = members[0].config
-    images = find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
-    device = utils.select_device(args.device)
-    views = tta_views(args.tta)
+    return members
 
-    # Every checkpoint is loaded (on the CPU) before anything is written, so a bad run fails without output.
-    used = [m for m in members if m.weight > 0]
-    models = [load_model(m.run_dir, m.config, args.checkpoint) for m in used]
-    augs = [build_augmentation(m.config) for m in used]
-    output = Path(args.output_dir) / "output.csv"
-    check_writable(output.parent)
 
-    decode = functools.partial(dataset_module.decode_fixed, size=tuple(augs[0].load_size))
-    bad = cache_module.find_unreadable([str(p) for p in images.image_paths], decode, workers=args.num_workers + 1)
+def check_images(images: EvalImages, load_size: Sequence[int], num_workers: int) -> None:
+    decode = functools.partial(imaging.decode_fixed, size=tuple(load_size))
+    bad = cache_module.find_unreadable([str(p) for p in images.image_paths], decode, workers=num_workers + 1)
     if bad:
         listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
         fix = "restore them from the competition data" if images.competition else f"restore them or fix {images.source}"
         raise UserError(f"{len(bad)} eval image(s) cannot be read: {listing}. Every image needs a prediction: {fix}")
 
+
+def predict_member(
+    model: torch.nn.Module, aug: Any, images: EvalImages, args: Namespace, device: torch.device
+) -> np.ndarray:
+    """One model's class probabilities for every image, averaged over the TTA views (engine.evaluate)."""
+    transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
+    loader = DataLoader(
+        images.dataset(transform, aug.load_size),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    views = augmentation_module.tta_views(args.tta)
+    result = engine.evaluate(
+        model.to(device), loader, device, views=views, batch_transform=batch_transform, progress="inference"
+    )
+    model.cpu()  # one model on the accelerator at a time
+    return result.probs.double().numpy()
+
+
+def main(args: Namespace) -> Path:
+    members = check_members(args)
+    config = members[0].config
+    images = find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
+    device = utils.select_device(args.device)
+    # Every checkpoint is loaded (on the CPU) before anything is written, so a bad run fails without output.
+    used = [m for m in members if m.weight > 0]
+    models = [rundir.load_model(m.checkpoint, m.config)[0] for m in used]
+    augs = [build_augmentation(m.config) for m in used]
+    output = Path(args.output_dir) / "output.csv"
+    check_writable(output.parent)
+    check_images(images, augs[0].load_size, args.num_workers)
+
     probs = np.zeros((len(images.image_ids), config["num_classes"]))
     for m, model, aug in zip(used, models, augs, strict=True):
-        transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
-        loader = DataLoader(
-            images.dataset(transform, aug.load_size),
-            batch_size=args.batch_size,
-            shuffle=False,
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-        )
         share = f", weight {m.weight:.3g}" if len(members) > 1 else ""
-        checkpoint = m.run_dir / f"{args.checkpoint}.pth"
         print(
-            f"Predicting {len(images.image_ids)} images of {images.source} with {checkpoint} on {device} "
-            f"({len(views)} TTA view(s){share})"
+            f"Predicting {len(images.image_ids)} images of {images.source} with {m.checkpoint} on {device} "
+            f"({len(augmentation_module.tta_views(args.tta))} TTA view(s){share})"
         )
-        member_probs = predict_probs(model.to(device), loader, device, views, "inference", batch_transform)
-        probs += m.weight * member_probs.double().numpy()
-        model.cpu()  # one model on the accelerator at a time
+        probs += m.weight * predict_member(model, aug, images, args, device)
     preds = probs.argmax(1)
 
-    names = class_names_of(config)
+    names = rundir.class_names_of(config)
     ans_names = names if args.ans_format == "name" else None
     submission = write_submission(output, images.image_ids, preds, config["num_classes"], ans_names)
     print(f"Wrote {output} ({len(submission)} rows)")

@@ -12,6 +12,7 @@ check it automatically. Its forward returns (N, num_classes) logits, or any raw 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import os
@@ -132,6 +133,15 @@ class MultiHeadModel(nn.Module):
             net = BaseModel(num_classes=1, **({} if dropout is None else {"dropout": dropout}))
             width = net.classifier.in_features
             net.classifier = nn.Identity()  # the backbone ends at the (dropped-out) pooled features
+        elif is_file_spec(backbone):
+            # timm's convention: built with num_classes=0 it returns (N, num_features) pooled features.
+            net = class_from_file(backbone, "--backbone")(num_classes=0)
+            width = getattr(net, "num_features", None)
+            if not isinstance(width, int):
+                raise UserError(
+                    f"--backbone {backbone}: built with num_classes=0 it must return pooled features and say how many "
+                    "in an int attribute num_features (timm's convention)"
+                )
         else:
             check_backbone_name(backbone)
             # num_classes=0: timm returns pooled features; some architectures (MobileNetV3) add a wider head layer
@@ -158,10 +168,47 @@ def model_classes() -> dict[str, type]:
     return utils.module_classes(sys.modules[__name__], lambda c: issubclass(c, nn.Module))
 
 
+def is_file_spec(name: str) -> bool:
+    """`path/to/file.py:ClassName`: a model class in a file of the user's, outside the project."""
+    path, sep, cls = name.rpartition(":")
+    return bool(sep) and path.endswith(".py") and cls.isidentifier()
+
+
+def class_from_file(spec: str, flag: str = "--model") -> type:
+    """The nn.Module class `ClassName` of `path/to/file.py:ClassName`, imported from that file."""
+    path, _, name = spec.rpartition(":")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{flag} {spec}: the file {file} does not exist; give path/to/file.py:ClassName")
+    module_name = f"_user_model_{abs(hash(str(file.resolve())))}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(module_name, file)
+        module = importlib.util.module_from_spec(loader_spec)
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:  # the user's code: any error, reported with its file
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{flag} {spec}: importing {file} failed ({type(e).__name__}: {first})") from None
+        sys.modules[module_name] = module  # DataLoader workers and torch.load find the class again
+    cls = getattr(module, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        found = [n for n, c in vars(module).items() if inspect.isclass(c) and issubclass(c, nn.Module)]
+        raise UserError(
+            f"{flag} {spec}: {file} defines no nn.Module class {name} (its nn.Module classes: "
+            f"{', '.join(found) or 'none'})"
+        )
+    return cls
+
+
 def check_model_name(name: str, flag: str = "--model", local: Sequence[str] | None = None) -> None:
-    """A `UserError` naming the valid choices unless `name` is in `local` (default: the classes here) or timm's."""
+    """A `UserError` naming the valid choices unless `name` is in `local` (default: the classes here), timm's, or
+    a `file.py:ClassName` of the user's."""
     import timm
 
+    if is_file_spec(name):
+        class_from_file(name, flag)
+        return
     local = list(model_classes() if local is None else local)
     if name in local or timm.is_model(name):
         return
@@ -172,6 +219,19 @@ def check_model_name(name: str, flag: str = "--model", local: Sequence[str] | No
 def check_backbone_name(name: str) -> None:
     """A `UserError` naming the valid choices unless `name` is a `MultiHeadModel` backbone (BaseModel or timm's)."""
     check_model_name(name, flag="--backbone", local=("BaseModel",))
+
+
+def check_backbone_use(name: str, backbone: str | None) -> None:
+    """A `UserError` when --backbone is given to a model that has no backbone to choose (a single head)."""
+    if backbone is None:
+        return
+    classes = model_classes()
+    cls = classes.get(name) or (class_from_file(name) if is_file_spec(name) else None)
+    if cls is None or "backbone" not in inspect.signature(cls).parameters:
+        raise UserError(
+            f"--backbone {backbone} is for multi-head models; --model {name} is a single-head model with its own "
+            f"layers: drop --backbone, or use --model MultiHeadModel --backbone {backbone}"
+        )
 
 
 def _create_timm(name: str, pretrained: bool, flag: str = "--model", **kwargs: Any) -> nn.Module:
@@ -208,8 +268,8 @@ def build_model(
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     classes = model_classes()
-    if name in classes:
-        cls = classes[name]
+    if name in classes or is_file_spec(name):
+        cls = classes[name] if name in classes else class_from_file(name)
         takes = inspect.signature(cls).parameters
         if "backbone" in kwargs and "backbone" not in takes:
             raise UserError(f"--backbone is for multi-head models; --model {name} has its own: drop --backbone")

@@ -27,15 +27,17 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (x.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
 
 
-def log_line(row: dict[str, Any], epochs: int) -> str:
-    """The one line printed per epoch, with every metric of `row` and the elapsed time."""
-    ema = f" ema f1 {row['ema_val_f1']:.4f}" if "ema_val_f1" in row else ""
+def log_line(row: dict[str, Any], epochs: int, eval_metric: str = "macro_f1") -> str:
+    """The one line printed per epoch, with every metric of `row`, the score best.pth is chosen on (--eval_metric)
+    and the elapsed time."""
+    ema = f" ema f1 {row['ema_val_f1']:.4f} loss {row['ema_val_loss']:.4f}" if "ema_val_f1" in row else ""
     tasks = "".join(f" {t} {row[f'val_{t}_acc']:.1%}" for t in TASKS if f"val_{t}_acc" in row)
     return (
         f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%} "
         f"f1 {row['train_f1']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2%} "
         f"f1 {row['val_f1']:.4f}{ema}{' |' + tasks if tasks else ''} | worst {row['val_worst']} | "
-        f"lr {row['lr']:.2e} | {row['time_s']:.1f}s{' | best' if row['best'] else ''}"
+        f"{eval_metric} {row['score']:.4f} | lr {row['lr']:.2e} | {row['time_s']:.1f}s"
+        f"{' | best' if row['best'] else ''}"
     )
 
 
@@ -233,7 +235,10 @@ def write_oof(run_dir: Path, data: Any, folds: Sequence[dict[str, Any]]) -> floa
     table = pd.concat(parts, ignore_index=True)
     save_table(table, run_dir / "oof.csv")
     f1 = utils.macro_f1(table["truth"].to_numpy(), table["pred"].to_numpy(), data.num_classes)
-    fold_f1 = ", ".join(f"{r['best_f1']:.4f}" for r in folds)
-    print(f"Out-of-fold macro F1 {f1:.4f} over {len(table)} images (folds: {fold_f1}); saved {run_dir / 'oof.csv'}")
+    fold_f1 = ", ".join(f"{r['best_score']:.4f}" for r in folds)
+    print(
+        f"Out-of-fold macro F1 {f1:.4f} over {len(table)} images (folds' best scores: {fold_f1}); saved "
+        f"{run_dir / 'oof.csv'}"
+    )
     print(f"Next: python inference.py --model_dir {run_dir}")
     return f1

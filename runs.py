@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -26,13 +25,12 @@ import numpy as np
 import pandas as pd
 
 import dataset
-import inference
-import train
+import rundir
 import utils
 from utils import UserError
 
 # Flags that name or locate a run rather than change how it trains, and those with columns of their own.
-NOT_COMPARED = ("name", "model_dir", "resume", "model", "resize")
+NOT_COMPARED = ("name", "model_dir", "resume", "model", "resize", "eval_metric", "config")
 SUSPECT_COLUMNS = [
     "group",
     "field",
@@ -79,24 +77,6 @@ def get_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------
 # The run table.
-def find_runs(root: Path) -> list[tuple[Path, list[Path]]]:
-    """(run directory, the directories holding its config.json and log.csv) for every run under `root`: a run
-    is itself, a k-fold run is its fold0/, fold1/, ... Fold directories are not listed as runs of their own."""
-    found = []
-    for folder, subdirs, files in os.walk(root):
-        here = Path(folder)
-        folds = inference.fold_dirs(here)
-        if "config.json" in files and "log.csv" in files:
-            found.append((here, [here]))
-        elif folds:
-            found.append((here, [f for f in folds if (f / "log.csv").is_file()]))
-        else:
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            continue
-        subdirs[:] = []  # nothing below a run directory is another run
-    return [(run, parts) for run, parts in found if parts]
-
-
 def read_part(folder: Path) -> dict[str, Any]:
     """Config, best F1, its epoch and the log's time of one run directory (or fold); `UnreadableRun` saying why."""
     try:
@@ -107,18 +87,28 @@ def read_part(folder: Path) -> dict[str, Any]:
         raise UnreadableRun("config.json does not hold an object of flags")
     try:
         log = pd.read_csv(folder / "log.csv")
-        # A row's score is the one best.pth is selected on: the EMA weights' F1 where they did better.
-        score = pd.to_numeric(log["val_f1"], errors="raise")
-        if "ema_val_f1" in log:
-            score = np.fmax(score, pd.to_numeric(log["ema_val_f1"], errors="raise"))
+        # The F1 of the weights best.pth holds (the EMA weights' where they scored better): the row's score when
+        # F1 chose them; older logs without a score column chose by F1 too.
+        f1 = pd.to_numeric(log["val_f1"], errors="raise")
+        if "score" in log and config.get("eval_metric", "macro_f1") == "macro_f1":
+            f1 = pd.to_numeric(log["score"], errors="raise")
+        elif "ema_val_f1" in log and "score" not in log:
+            f1 = np.fmax(f1, pd.to_numeric(log["ema_val_f1"], errors="raise"))
         epochs = pd.to_numeric(log["epoch"], errors="raise")
+        chosen = log["best"].astype(str).str.lower() == "true"  # the epochs that wrote best.pth
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError) as e:
         raise UnreadableRun(f"log.csv cannot be read ({type(e).__name__}: {e})") from None
-    if score.isna().all():
+    if not chosen.any():
         raise UnreadableRun("log.csv has no finished epoch")
-    best = int(score.idxmax())  # the first epoch reaching the best score, as train.py keeps it
+    best = int(chosen[chosen].index[-1])  # the last epoch that wrote best.pth: what best.pth holds
     mtime = (folder / "log.csv").stat().st_mtime
-    return {"config": config, "best_f1": float(score[best]), "epoch": int(epochs[best]), "mtime": mtime}
+    return {
+        "config": config,
+        "best_f1": float(f1[best]),
+        "score": float(log["score"][best]) if "score" in log else float(f1[best]),
+        "epoch": int(epochs[best]),
+        "mtime": mtime,
+    }
 
 
 def oof_f1(run_dir: Path, config: dict[str, Any]) -> float:
@@ -150,7 +140,6 @@ def read_run(run_dir: Path, parts: list[Path], name: str) -> dict[str, Any] | No
     if parts == [run_dir]:
         row.update(best_f1=read[0]["best_f1"], epoch=str(read[0]["epoch"]))
     else:
-        config["fold"] = "all"  # each fold's config.json holds its own fold number
         row.update(
             best_f1=float(np.mean([r["best_f1"] for r in read])),
             epoch="/".join(str(r["epoch"]) for r in read),
@@ -161,6 +150,8 @@ def read_run(run_dir: Path, parts: list[Path], name: str) -> dict[str, Any] | No
     row.update(
         date=datetime.datetime.fromtimestamp(max(r["mtime"] for r in read)).strftime("%Y-%m-%d %H:%M"),
         model=config.get("model", "?"),
+        eval_metric=config.get("eval_metric", "macro_f1"),
+        best_score=float(np.mean([r["score"] for r in read])),
         size="x".join(map(str, resize)) if isinstance(resize, list) else "?",
         config=config,
     )
@@ -175,23 +166,23 @@ def show_value(value: Any) -> str:
 
 
 def differing_flags(configs: list[dict[str, Any]]) -> list[str]:
-    """train.py's flags (in its --help order) whose values are not the same in every config. A flag missing from
-    an older config counts as today's default (a new flag defaults to the old behaviour), so adding a flag to
-    train.py does not make every older run differ."""
-    defaults = vars(train.get_parser().parse_args([]))
-    flags = [f for f in defaults if f not in NOT_COMPARED]
+    """train.py's flags (in config order) whose values are not the same in every config that has them. A flag
+    missing from an older config is not compared there (it shows '-'), so adding a flag to train.py does not
+    make every older run differ."""
+    flags = [f for f in dict.fromkeys(k for c in configs for k in c) if f not in NOT_COMPARED + rundir.DATA_FACTS]
     return [
-        f for f in flags if len({json.dumps(c.get(f, defaults[f]), default=repr, sort_keys=True) for c in configs}) > 1
+        f for f in flags if len({json.dumps(c[f], default=repr, sort_keys=True) for c in configs if f in c}) > 1
     ]
 
 
 def run_table(root: Path) -> pd.DataFrame:
     """One row per run under `root`, best F1 first: name, date, best_f1, epoch, [folds, oof_f1], model, size,
-    then every flag that differs between the runs ('-': not in that run's config.json)."""
+    [eval_metric, best_score: where a run selected best.pth by another metric], then every flag that differs
+    between the runs ('-': not in that run's config.json)."""
     if not root.is_dir():
         raise UserError(f"{root} does not exist: pass the folder of run directories (default $SM_MODEL_DIR or ./model)")
     rows = []
-    for run_dir, parts in find_runs(root):
+    for run_dir, parts in rundir.find_runs(root):
         rel = run_dir.relative_to(root).as_posix()
         row = read_run(run_dir, parts, run_dir.resolve().name if rel == "." else rel)
         if row is not None:
@@ -207,7 +198,10 @@ def run_table(root: Path) -> pd.DataFrame:
             row[flag] = show_value(config[flag]) if flag in config else "-"
     table = pd.DataFrame(rows)
     kfold = ["folds", "oof_f1"] if "folds" in table else []
-    first = ["name", "date", "best_f1", "epoch", *kfold, "model", "size"]
+    # What selected best.pth, where a run chose by something else than macro F1 (--eval_metric).
+    scored = ["eval_metric", "best_score"] if (table["eval_metric"] != "macro_f1").any() else []
+    table = table.drop(columns=[c for c in ("eval_metric", "best_score") if c not in scored])
+    first = ["name", "date", "best_f1", "epoch", *kfold, "model", "size", *scored]
     table = table[first + [c for c in table.columns if c not in first]]
     return table.sort_values(["best_f1", "name"], ascending=[False, True], kind="stable").reset_index(drop=True)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
+import json
 import os
 import sys
 from argparse import Namespace
@@ -25,9 +27,11 @@ import cache as cache_module
 import dataset as dataset_module
 import demo
 import engine
+import imaging
 import loss as loss_module
 import model as model_module
 import report
+import rundir
 import schedule
 import utils
 from utils import UserError
@@ -39,7 +43,22 @@ def dataset_classes() -> dict[str, type]:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    data = p.add_argument_group("data")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="RECIPE",
+        help="a YAML or JSON file of flag: value pairs used as the defaults (flags given here still win); a run's "
+        "config.json repeats that run",
+    )
+    add_data_flags(p.add_argument_group("data"))
+    add_loader_flags(p.add_argument_group("data loading"))
+    add_model_flags(p.add_argument_group("model"))
+    add_optimization_flags(p.add_argument_group("optimization"))
+    add_runtime_flags(p.add_argument_group("runtime"))
+    return p
+
+
+def add_data_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--data_dir",
         default=utils.env_value("SM_CHANNEL_TRAIN"),
@@ -102,6 +121,8 @@ def get_parser() -> argparse.ArgumentParser:
         metavar=("YOUNG", "OLD"),
         help="age band edges in years: < YOUNG, YOUNG..OLD-1, >= OLD",
     )
+
+def add_loader_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--augmentation",
         default=None,
@@ -165,12 +186,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="data loader processes [$NUM_WORKERS; default: CPU cores - 1, at most 8]",
     )
 
-    net = p.add_argument_group("model")
+
+def add_model_flags(net: argparse._ArgumentGroup) -> None:
     net.add_argument(
         "--model",
         default=None,
-        help="any timm architecture name, or a class in model.py (default: MultiHeadModel for the mask datasets, "
-        f"else BaseModel). {utils.describe(model_module.model_classes())}",
+        help="any timm architecture name, a class in model.py, or path/to/file.py:ClassName of your own (default: "
+        f"MultiHeadModel for the mask datasets, else BaseModel). {utils.describe(model_module.model_classes())}",
     )
     net.add_argument(
         "--pretrained",
@@ -182,10 +204,12 @@ def get_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--backbone",
         default=None,
-        help="for --model MultiHeadModel: BaseModel or any timm architecture under the mask/gender/age heads",
+        help="for --model MultiHeadModel: BaseModel, any timm architecture, or path/to/file.py:ClassName (built with "
+        "num_classes=0, returning num_features pooled features) under the mask/gender/age heads",
     )
 
-    opt = p.add_argument_group("optimization")
+
+def add_optimization_flags(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument("--epochs", type=int, default=24, help="passes over the training split")
     opt.add_argument("--batch_size", type=int, default=64, help="training images per step (per process)")
     opt.add_argument("--valid_batch_size", type=int, default=256, help="images per validation batch")
@@ -209,6 +233,10 @@ def get_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup_epochs", type=float, default=0.0, help="linear lr warmup from 0, in epochs")
     opt.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr drops (step) or restarts")
     opt.add_argument("--gamma", type=float, default=0.5, help="lr factor at each drop (step, plateau)")
+    add_loss_flags(opt)
+
+
+def add_loss_flags(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument(
         "--criterion",
         default="cross_entropy",
@@ -243,13 +271,21 @@ def get_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("--mix_prob", type=float, default=1.0, help="share of batches mixed when mixup/cutmix is on")
     opt.add_argument(
+        "--eval_metric",
+        choices=tuple(engine.EVAL_METRICS),
+        default="macro_f1",
+        help="what selects best.pth and drives --patience and the plateau schedule: validation macro F1 (the "
+        "competition's metric), accuracy, or loss (lower is better)",
+    )
+    opt.add_argument(
         "--patience",
         type=int,
         default=0,
-        help="stop after this many epochs without a better validation macro F1 (0: never)",
+        help="stop after this many epochs without a better --eval_metric (0: never)",
     )
 
-    run = p.add_argument_group("runtime")
+
+def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     run.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and augmentation")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument(
@@ -293,7 +329,6 @@ def get_parser() -> argparse.ArgumentParser:
         default=False,
         help="flip, scale/shift, color jitter and normalization on the device, batch-wise, after the cache",
     )
-    return p
 
 
 def check_args(args: Namespace) -> None:
@@ -386,32 +421,110 @@ def prepare_images(
 
 
 SCHEDULE_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "scheduler", "warmup_epochs")
+UNSET = object()  # the default of every flag when finding out which were given (not a str: argparse converts those)
+
+
+def flag_defaults() -> dict[str, Any]:
+    return vars(get_parser().parse_args([]))
 
 
 def given_flags(argv: Sequence[str]) -> set[str]:
     """The flags written on the command line (not defaulted), by destination name."""
     parser = get_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    parser.set_defaults(**dict.fromkeys(flag_defaults(), UNSET))
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not UNSET}
 
 
-def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, dict[str, Any]]:
-    """For --resume: (the run's flags overridden by those given now, its directory, the checkpoint)."""
-    target = Path(args.resume)
-    path = target / "last.pth" if target.is_dir() else target
-    if not path.is_file():
-        raise UserError(f"--resume {args.resume}: no checkpoint at {path}; give a run directory with last.pth")
+# ---------------------------------------------------------------------------------------------------
+# Recipes: --config FILE sets defaults; the command line still wins.
+def read_recipe(path: str) -> dict[str, Any]:
+    """The flag: value pairs of a YAML or JSON recipe file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path} does not exist: give a YAML or JSON file of flag: value pairs")
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(file.read_text())
+        else:
+            import yaml
+
+            values = yaml.safe_load(file.read_text())
+    except Exception as e:  # a YAML or JSON syntax error: its own message says where
+        first = " ".join(str(e).split())[:200]
+        raise UserError(f"--config {path} cannot be read ({type(e).__name__}: {first})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold flag: value pairs (a mapping), not {type(values).__name__}")
+    return values
+
+
+def recipe_argv(path: str) -> list[str]:
+    """A recipe as command-line words, to be put before the given ones (so that those win)."""
+    values, flags = read_recipe(path), flag_defaults()
+    unknown = [k for k in values if k not in flags and k not in rundir.DATA_FACTS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(flags), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(
+            f"--config {path}: '{unknown[0]}' is not a train.py flag{hint}; fix or remove it (python train.py --help "
+            "lists the flags)"
+        )
+    facts = [k for k in values if k not in flags]
+    if facts:
+        print(f"--config {path}: ignoring what describes the data, measured again: {', '.join(facts)}", file=sys.stderr)
+    words: list[str] = []
+    for key, value in values.items():
+        if key in facts or key in ("config", "resume") or value is None:
+            continue
+        if isinstance(value, bool):
+            words.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(value, list):
+            words += [f"--{key}", *map(str, value)]
+        else:
+            words += [f"--{key}", str(value)]
+    return words
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Namespace:
+    """The flags of `argv` (default: the command line) over those of its --config recipe, if any."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = get_parser().parse_known_args(argv)
+    words = recipe_argv(known.config) if known.config else []
+    return get_parser().parse_args([*words, *argv])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume: a run directory, a k-fold run (or any of its folds), or a checkpoint.
+def resume_checkpoint(path: Path) -> dict[str, Any]:
     checkpoint = utils.load_checkpoint(path)
-    if "rng" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not checkpoint.get("rng") or "config" not in checkpoint:
         raise UserError(f"--resume {path} holds no training state (only weights): resume from a run's last.pth")
-    # The run continues where its checkpoint is now, not where it was written: runs get moved and copied.
-    checkpoint["config"]["run_dir"] = str(path.parent)
-    config = checkpoint["config"]
+    return checkpoint
+
+
+def find_resumed_run(target: Path) -> tuple[Path, dict[str, Any], dict[int | None, Path]]:
+    """(the run's directory, its config, {fold: the checkpoint given}) for `--resume target`."""
+    if target.is_file():
+        config = resume_checkpoint(target)["config"]
+        kfold = rundir.is_fold_of_kfold_run(config)
+        return (target.parent.parent if kfold else target.parent), config, {config.get("fold_index"): target}
+    if (target / "last.pth").is_file():
+        config = resume_checkpoint(target / "last.pth")["config"]
+        return (target.parent if rundir.is_fold_of_kfold_run(config) else target), config, {}
+    folds = rundir.fold_dirs(target)
+    if (target / rundir.CONFIG).is_file() and rundir.read_config(target).get("fold") == "all":
+        return target, rundir.read_config(target), {}
+    if folds:  # a k-fold run without its own config.json: the first fold's, for the whole run
+        return target, {**rundir.read_config(folds[0]), "fold_index": None}, {}
+    raise UserError(f"--resume {target}: no checkpoint at {target / 'last.pth'}; give a run directory with last.pth")
+
+
+def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, dict[int | None, Path]]:
+    """For --resume: (the run's flags overridden by those given now, its directory, {fold: checkpoint given})."""
+    run_dir, config, given_checkpoints = find_resumed_run(Path(args.resume))
     given = given_flags(argv) - {"resume"}
     merged = {k: config[k] for k in vars(args) if k in config}
     merged.update({k: getattr(args, k) for k in given})
-    merged["resume"] = str(path)
+    merged["resume"] = str(args.resume)
     for flag in SCHEDULE_FLAGS:
         if flag in given and getattr(args, flag) != config.get(flag):
             print(
@@ -419,100 +532,152 @@ def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, 
                 "(and so the result) will differ from an uninterrupted run",
                 file=sys.stderr,
             )
-    return Namespace(**{**vars(args), **merged}), Path(config["run_dir"]), checkpoint
+    merged["command"] = config.get("command", "")  # how the run began; each resume is recorded in `resumed`
+    return Namespace(**{**vars(args), **merged}), run_dir, given_checkpoints
 
 
-def fold_plan(args: Namespace) -> list[int | None]:
+def fold_plan(config: dict[str, Any]) -> list[int | None]:
     """The folds to train: [None] for the holdout split, [i] for --fold i, [0, ..., K-1] for --fold all."""
-    if args.fold is None:
+    if config["fold"] is None:
         return [None]
-    if args.fold == "all":
-        return list(range(args.n_splits))
-    return [int(args.fold)]
+    if config["fold"] == "all":
+        return list(range(config["n_splits"]))
+    return [int(config["fold"])]
 
 
+# ---------------------------------------------------------------------------------------------------
 def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
-    checkpoint, run_dir = None, None
+    resumed, checkpoints = None, {}
     if args.resume:
-        args, run_dir, checkpoint = resume_args(args, sys.argv[1:] if argv is None else argv)
+        args, resumed, checkpoints = resume_args(args, sys.argv[1:] if argv is None else argv)
     check_args(args)
     rank, world, device = utils.init_distributed(args.device, args.dist_timeout)
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
-            return train(args, checkpoint, run_dir, rank, world, device)
+            return train(args, resumed, checkpoints, world, device)
     finally:
         utils.cleanup_distributed()
 
 
+def resolve_defaults(args: Namespace, data: Any) -> None:
+    """Defaults by data: the mask datasets get the face crop and the mask/gender/age heads (measured on real
+    faces, README's Results), any other data a plain resize and a single head. A model file is recorded by its
+    absolute path, so a run is rebuilt from any working directory."""
+    mask_data = isinstance(data, dataset_module.MaskBaseDataset)
+    args.model = args.model or ("MultiHeadModel" if mask_data else "BaseModel")
+    args.augmentation = args.augmentation or ("FaceAugmentation" if mask_data else "BaseAugmentation")
+    for flag in ("model", "backbone"):
+        value = getattr(args, flag)
+        if value and model_module.is_file_spec(value):
+            path, _, name = value.rpartition(":")
+            setattr(args, flag, f"{Path(path).expanduser().resolve()}:{name}")
+    model_module.check_backbone_use(args.model, args.backbone)
+
+
+def normalization(args: Namespace, data: Any, aug_cls: type) -> tuple[Sequence[float], Sequence[float]]:
+    if args.mean_std == "compute":
+        load_size = aug_cls(resize=args.resize, mean=(0, 0, 0), std=(1, 1, 1)).load_size
+        mean, std = imaging.compute_mean_std(data.image_paths, load_size, seed=args.seed)
+        print(f"Computed mean {mean} and std {std} from {min(256, len(data))} images")
+        return mean, std
+    if args.mean_std == "imagenet":
+        return dataset_module.IMAGENET_MEAN, dataset_module.IMAGENET_STD
+    return dataset_module.SEED_MEAN, dataset_module.SEED_STD
+
+
+def run_config(
+    args: Namespace, data: Any, aug: Any, mean_std: tuple, data_dir: Path, run_dir: Path, bad: dict, world: int
+) -> dict[str, Any]:
+    """The one config: the resolved flags and the facts of the data, written to config.json and every checkpoint."""
+    return {
+        **vars(args),
+        "data_dir": str(data_dir),
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "mean": list(mean_std[0]),
+        "std": list(mean_std[1]),
+        "resize": list(args.resize),
+        "load_size": list(aug.load_size),
+        "world_size": world,
+        "global_batch_size": args.batch_size * world * args.grad_accum,
+        "run_dir": str(run_dir),
+        "skipped_images": sorted(bad),
+        "label_fix_report": data.label_fix_report,
+        "versions": utils.library_versions(),
+        "git_commit": utils.git_commit(),
+        "command": args.command if args.resume else " ".join(sys.argv),
+    }
+
+
 def train(
-    args: Namespace, checkpoint: dict | None, run_dir: Path | None, rank: int, world: int, device: torch.device
+    args: Namespace,
+    resumed: Path | None,
+    checkpoints: dict[int | None, Path],
+    world: int,
+    device: torch.device,
 ) -> Path:
     engine.check_amp(args.amp, device)
     data_dir = demo.resolve_train_dir(args.data_dir, files_ok=args.dataset == "CSVDataset")
     utils.seed_everything(args.seed)
     data_cls = dataset_classes()[args.dataset]
     data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
-    # Defaults by data: the mask datasets get the face crop and the mask/gender/age heads (measured on real faces,
-    # README's Results), any other data a plain resize and a single head.
-    mask_data = isinstance(data, dataset_module.MaskBaseDataset)
-    args.model = args.model or ("MultiHeadModel" if mask_data else "BaseModel")
-    args.augmentation = args.augmentation or ("FaceAugmentation" if mask_data else "BaseAugmentation")
+    resolve_defaults(args, data)
     aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
-    if args.mean_std == "compute":
-        load_size = aug_cls(resize=args.resize, mean=(0, 0, 0), std=(1, 1, 1)).load_size
-        mean, std = dataset_module.compute_mean_std(data.image_paths, load_size, seed=args.seed)
-        print(f"Computed mean {mean} and std {std} from {min(256, len(data))} images")
-    elif args.mean_std == "imagenet":
-        mean, std = dataset_module.IMAGENET_MEAN, dataset_module.IMAGENET_STD
-    else:
-        mean, std = dataset_module.SEED_MEAN, dataset_module.SEED_STD
+    mean, std = normalization(args, data, aug_cls)
     aug = aug_cls(resize=args.resize, mean=mean, std=std)
     bad_images, cache = prepare_images(data, aug.load_size, args)
+    run_dir = resumed
     if run_dir is None:  # rank 0 names the run; every rank writes (only rank 0) into that one directory
-        run_dir = Path(
-            utils.broadcast_object(str(utils.increment_path(Path(args.model_dir) / args.name)) if rank == 0 else None)
-        )
-    config = {
-        **vars(args),
-        "data_dir": str(data_dir),
-        "num_classes": data.num_classes,
-        "class_names": data.class_names,
-        "mean": list(mean),
-        "std": list(std),
-        "resize": list(args.resize),
-        "load_size": list(aug.load_size),
-        "world_size": world,
-        "global_batch_size": args.batch_size * world * args.grad_accum,
-        "run_dir": str(run_dir),
-        "skipped_images": sorted(bad_images),
-        "label_fix_report": data.label_fix_report,
-        "versions": utils.library_versions(),
-        "git_commit": utils.git_commit(),
-        "command": " ".join(sys.argv),
-    }
-    if rank == 0 and bad_images:
+        name = str(rundir.increment_path(Path(args.model_dir) / args.name)) if utils.rank() == 0 else None
+        run_dir = Path(utils.broadcast_object(name))
+    config = run_config(args, data, aug, (mean, std), data_dir, run_dir, bad_images, world)
+    if utils.rank() == 0 and bad_images:
         rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
         utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))
-    folds = fold_plan(args)
-    oof = []
-    for fold in folds:
-        fold_dir = run_dir / f"fold{fold}" if len(folds) > 1 else run_dir
-        if checkpoint is not None:
-            fold_dir = Path(checkpoint["config"]["run_dir"])
-        if len(folds) > 1:
+    return train_folds(config, data, aug, cache, run_dir, checkpoints if resumed else None, world, device)
+
+
+def train_folds(
+    config: dict[str, Any],
+    data: Any,
+    aug: Any,
+    cache: Any,
+    run_dir: Path,
+    checkpoints: dict[int | None, Path] | None,
+    world: int,
+    device: torch.device,
+) -> Path:
+    """Train every fold of the plan into its directory, then write oof.csv for a k-fold run. Resuming
+    (`checkpoints` not None), a fold whose last.pth says finished is read back, an interrupted one continues
+    from its last.pth (or the checkpoint given for it), and the rest train from the start."""
+    plan, results = fold_plan(config), []
+    kfold = len(plan) > 1
+    if kfold and utils.rank() == 0:
+        rundir.save_config({**config, "fold_index": None}, run_dir)
+    for k, fold in enumerate(plan):
+        fold_dir = rundir.fold_dir(run_dir, fold) if kfold else run_dir
+        fold_config = {**config, "fold_index": fold, "run_dir": str(fold_dir)}
+        checkpoint = None
+        if checkpoints is not None:
+            path = checkpoints.get(fold, fold_dir / "last.pth")
+            checkpoint = resume_checkpoint(path) if path.is_file() else None
+        if checkpoint is not None and checkpoint.get("finished") and kfold:
+            print(f"Fold {fold} of {config['n_splits']}: finished in {fold_dir}")
+            results.append(engine.fold_result(checkpoint))
+            continue
+        if kfold:
             fold_dir.mkdir(exist_ok=True)
-            print(f"Fold {fold} of {args.n_splits}: {fold_dir}")
-        fold_config = (
-            checkpoint["config"] if checkpoint is not None else {**config, "fold": fold, "run_dir": str(fold_dir)}
-        )
-        result = engine.fit(args, data, aug, cache, fold, fold_dir, fold_config, checkpoint, rank, world, device)
-        oof.append(result)
+            print(f"Fold {fold} of {config['n_splits']}: {fold_dir}")
+        if checkpoint is not None:
+            fold_config["resumed"] = checkpoint["config"].get("resumed", [])
+        result = engine.fit(fold_config, data, aug, cache, fold, fold_dir, device, world, checkpoint, plan[k + 1 :])
         if result is None:  # stopped by a signal
             return run_dir
-    if len(folds) > 1 and rank == 0:
-        report.write_oof(run_dir, data, oof)
+        results.append(result)
+    if kfold and utils.rank() == 0:
+        report.write_oof(run_dir, data, results)
     return run_dir
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_parser().parse_args())
+    utils.run_main(lambda argv: main(parse_args(argv), argv), sys.argv[1:])

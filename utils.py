@@ -1,8 +1,8 @@
-"""Helpers shared by every script: seeding, run directories, name lookup, metrics, checkpoints.
+"""Helpers shared by every script: errors, .env values, seeding, name lookup, metrics, atomic checkpoints, devices.
 
 This module imports nothing from the project, so every other file can import it.
 
-    python -c "import utils; print(utils.increment_path('model/exp'))"
+    python -c "import utils; print(utils.default_num_workers())"
 """
 
 from __future__ import annotations
@@ -99,23 +99,6 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
-
-
-def increment_path(path: str | os.PathLike) -> Path:
-    """Create and return a new directory `path`, else `path2`, `path3`, ...; never reuses one.
-
-    `mkdir` without `exist_ok` is atomic, so two runs started at once still get different directories.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        candidate = path if n == 1 else path.with_name(f"{path.name}{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,26 +329,6 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    progress: str | None = None,
-    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Logits of `model` for every batch `(images, _)` of `loader` (after `batch_transform` on the device), in
-    order, on the CPU."""
-    from tqdm import tqdm
-
-    model.eval()
-    outputs = []
-    for images, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty()):
-        images = images.to(device, non_blocking=True)
-        outputs.append(model(images if batch_transform is None else batch_transform(images)).float().cpu())
-    return torch.cat(outputs)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Distributed: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is one process.
 def distributed_env() -> tuple[int, int, int] | None:
@@ -408,6 +371,11 @@ def init_distributed(device_name: str, timeout_min: float = 30.0) -> tuple[int, 
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 in one process): only rank 0 writes files."""
+    return torch.distributed.get_rank() if is_distributed() else 0
 
 
 def broadcast_object(value: Any) -> Any:

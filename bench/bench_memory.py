@@ -115,7 +115,8 @@ def measure(args: argparse.Namespace) -> None:
     loader_part, _ = augmentation.split_for_device(aug.train_transform)  # the hand-over engine.fit makes
     subset = dataset_module.ImageSubset(data, np.arange(len(data)), loader_part, aug.load_size, cache=ram)
     sampler = engine.EpochSampler(len(subset), train_args.seed)  # the training loader, as engine.fit makes it
-    loader = engine.make_loader(subset, args.batch_size, train_args, torch.device("cpu"), sampler)
+    settings = engine.LoopSettings.from_config(vars(train_args))
+    loader = engine.make_loader(subset, args.batch_size, settings, torch.device("cpu"), sampler)
 
     before = smaps_rollup(os.getpid())["Pss"]  # cache built, no worker started yet
     start, epochs, checksum, sampling = time.perf_counter(), 0, 0.0, False

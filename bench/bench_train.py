@@ -60,7 +60,8 @@ def train_step(
 def training_loader(subset: Dataset, batch_size: int, train_args: argparse.Namespace) -> DataLoader:
     """The training loader as engine.fit builds it in a single process: train.py's flags, EpochSampler order."""
     sampler = engine.EpochSampler(len(subset), train_args.seed)
-    return engine.make_loader(subset, batch_size, train_args, torch.device("cpu"), sampler)
+    settings = engine.LoopSettings.from_config(vars(train_args))
+    return engine.make_loader(subset, batch_size, settings, torch.device("cpu"), sampler)
 
 
 def forever(batches: Iterable) -> Iterator:

@@ -39,9 +39,23 @@ def test_flag_beats_env_beats_dotenv_beats_default(no_env, monkeypatch, module, 
     assert given == (["from_flag"] if dest == "model_dir" and module is inference else "from_flag")  # nargs="+"
 
 
-def test_resize_is_height_then_width():
-    args = train.get_parser().parse_args(["--resize", "256", "192"])
-    assert args.resize == [256, 192]
+def test_resize_is_height_then_width(demo_root, tmp_path):
+    """--resize H W gives (H, W) tensors in training and the same size in inference, from the run's config."""
+    import augmentation
+    import dataset
+    import inference
+
+    args = train.get_parser().parse_args(["--resize", "40", "24"])
+    assert args.resize == [40, 24]
+    data = dataset.MaskSplitByProfileDataset(demo_root / "train/images")
+    aug = augmentation.FaceAugmentation(args.resize, dataset.SEED_MEAN, dataset.SEED_STD)
+    image = dataset.ImageSubset(data, [0], aug.train_transform, aug.load_size)[0][0]
+    assert image.shape == (3, 40, 24)  # portrait photos stay portrait: height first
+    config = {"augmentation": "FaceAugmentation", "resize": [40, 24], "mean": [0.5] * 3, "std": [0.2] * 3}
+    eval_aug = inference.build_augmentation(config)
+    transform, batch = augmentation.split_for_device(eval_aug.eval_transform)
+    x = dataset.TestDataset(demo_root / "eval", transform, eval_aug.load_size)[0][0]
+    assert (batch(x[None]) if batch is not None else x[None]).shape == (1, 3, 40, 24)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import torch
 import augmentation
 import dataset
 import demo
+import engine
 import model
 import utils
 from conftest import run_script
@@ -72,10 +73,11 @@ def test_logged_validation_f1_is_over_every_validation_image(trained, demo_root)
     aug = getattr(augmentation, config["augmentation"])(config["resize"], config["mean"], config["std"])
     _, val_idx = data.split_dataset()
     val = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
-    outputs = utils.predict(net, torch.utils.data.DataLoader(val, batch_size=5), torch.device("cpu"))
-    logits = model.to_class_logits(outputs, net)  # the multi-head default's three heads -> 18 classes
-    assert len(logits) == 21
-    f1 = utils.macro_f1(val.targets, logits.argmax(1).numpy(), 18)
+    loader = torch.utils.data.DataLoader(val, batch_size=5)
+    result = engine.evaluate(net, loader, torch.device("cpu"), targets=val.targets)
+    assert result.probs.shape == (21, 18)  # the multi-head default's three heads -> 18 classes
+    f1 = result.metrics["f1"]
+    assert f1 == pytest.approx(utils.macro_f1(val.targets, result.probs.argmax(1).numpy(), 18))
     assert f1 == pytest.approx(best["best_score"], abs=1e-6)
 
 

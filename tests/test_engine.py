@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-from argparse import Namespace
 
 import pandas as pd
 import pytest
@@ -31,9 +30,8 @@ def run_with_signal(monkeypatch, flags: list[str], when) -> object:
     """train.main in this process, with SIGTERM sent to itself where `when(progress)` says, then a resume."""
     original = engine.train_one_epoch
 
-    def patched(*args, **kwargs):
-        progress = args[8]
-        schedule = args[4]
+    def patched(model, loader, criterion, state: engine.RunState, *rest, **kwargs):
+        progress, schedule = state.progress, state.schedule
         step_batch = schedule.step_batch
 
         def step() -> None:
@@ -42,7 +40,7 @@ def run_with_signal(monkeypatch, flags: list[str], when) -> object:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         schedule.step_batch = step
-        finished = original(*args, **kwargs)
+        finished = original(model, loader, criterion, state, *rest, **kwargs)
         schedule.step_batch = step_batch
         if when(progress, during=False):
             os.kill(os.getpid(), signal.SIGTERM)
@@ -189,20 +187,10 @@ def test_gradient_accumulation_equals_one_larger_batch():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         sched = schedule.Schedule(optimizer, "none", epochs=1, steps_per_epoch=1)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
-        args = Namespace(
-            grad_accum=accum,
-            clip_grad=0,
-            mixup=0,
-            cutmix=0,
-            cutmix_mode="box",
-            mix_prob=1,
-            amp="off",
-            channels_last=False,
-        )
-        progress = {"epoch": 1, "step": 0, "steps": len(loader), "loss_sum": 0.0, "preds": [], "targets": []}
-        engine.train_one_epoch(
-            model, loader, torch.nn.CrossEntropyLoss(), optimizer, sched, torch.device("cpu"), args, 3, progress
-        )
+        settings = engine.LoopSettings(grad_accum=accum)
+        state = engine.RunState(model, optimizer, sched)
+        state.new_progress(1)["steps"] = len(loader)
+        engine.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), state, settings, torch.device("cpu"), 3)
         return model[1].weight.detach()
 
     assert torch.allclose(train_once(2, 4), train_once(8, 1), atol=1e-6)
@@ -256,10 +244,9 @@ def test_compile_that_fails_here_falls_back_to_eager_with_a_warning(monkeypatch,
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = torch.nn.Linear(4, 2)
-    args = Namespace(compile=True, resize=[4, 1])
-    assert engine.maybe_compile(model, args, torch.device("cpu")) is model
+    assert engine.maybe_compile(model, True, [4, 1], torch.device("cpu")) is model
     assert "warning: --compile failed here (RuntimeError: no C++ compiler found)" in capsys.readouterr().err
-    assert engine.maybe_compile(model, Namespace(compile=False), torch.device("cpu")) is model
+    assert engine.maybe_compile(model, False, [4, 1], torch.device("cpu")) is model
 
 
 def test_a_moved_run_resumes_where_it_is_now_and_leaves_the_original_alone(demo_root, tmp_path):

@@ -12,10 +12,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import augmentation
 import dataset
+import engine
 import inference
 import model
-import utils
+import rundir
 from conftest import run_script, tiny_run_args
 
 
@@ -112,7 +114,7 @@ def test_kfold_directory_is_expanded_into_its_folds(runs, single_probs, demo_roo
         tmp_path, "k2", "--model_dir", str(kfold), str(runs["a"]), "--weights", "1", "1", data=demo_root / "eval"
     )
     np.testing.assert_allclose(probs(out), 0.75 * single_probs["a"] + 0.25 * single_probs["b"], atol=1e-5)
-    assert inference.expand_run_dir(str(kfold)) == [kfold / "fold0", kfold / "fold1"]
+    assert rundir.checkpoints(str(kfold)) == [kfold / "fold0/best.pth", kfold / "fold1/best.pth"]
 
 
 def test_runs_with_other_class_names_are_refused(runs, tmp_path):
@@ -129,8 +131,7 @@ def test_runs_with_other_class_names_are_refused(runs, tmp_path):
 @pytest.fixture(scope="module")
 def loaded(runs, demo_root):
     """Run a's model and a loader over the demo eval images through its eval transform."""
-    config = inference.read_config(runs["a"])
-    net = inference.load_model(runs["a"], config, "best")
+    net, config = rundir.load_model(runs["a"] / "best.pth")
     aug = inference.build_augmentation(config)
     test_set = dataset.TestDataset(demo_root / "eval", aug.eval_transform, aug.load_size)
     return net, DataLoader(test_set, batch_size=5)
@@ -139,36 +140,37 @@ def loaded(runs, demo_root):
 def test_identity_view_equals_no_tta(loaded):
     net, loader = loaded
     cpu = torch.device("cpu")
-    reference = torch.softmax(model.to_class_logits(utils.predict(net, loader, cpu), net), 1)
-    assert inference.tta_views(["none"]) == ("identity",)
-    plain = inference.predict_probs(net, loader, cpu, inference.tta_views(["none"]))
+    outputs = torch.cat([net(images) for images, _ in loader])
+    reference = torch.softmax(model.to_class_logits(outputs, net), 1)
+    assert augmentation.tta_views(["none"]) == ("identity",)
+    plain = engine.evaluate(net, loader, cpu, views=augmentation.tta_views(["none"])).probs
     assert torch.equal(plain, reference)
-    assert torch.equal(inference.predict_probs(net, loader, cpu, ("identity", "identity")), plain)
+    assert torch.equal(engine.evaluate(net, loader, cpu, views=("identity", "identity")).probs, plain)
 
 
 def test_tta_averages_the_probabilities_of_its_views(loaded):
     net, loader = loaded
     cpu = torch.device("cpu")
-    views = inference.tta_views(["flip"])
+    views = augmentation.tta_views(["flip"])
     assert views == ("identity", "hflip")
-    each = [inference.predict_probs(net, loader, cpu, (v,)) for v in views]
+    each = [engine.evaluate(net, loader, cpu, views=(v,)).probs for v in views]
     assert not torch.allclose(each[0], each[1], atol=1e-6), "a mirrored face gives the model other inputs"
-    torch.testing.assert_close(inference.predict_probs(net, loader, cpu, views), (each[0] + each[1]) / 2)
-    assert len(inference.tta_views(["flip_shift", "flip_zoom"])) == 8, "views shared by presets run once"
+    torch.testing.assert_close(engine.evaluate(net, loader, cpu, views=views).probs, (each[0] + each[1]) / 2)
+    assert len(augmentation.tta_views(["flip_shift", "flip_zoom"])) == 8, "views shared by presets run once"
 
 
-@pytest.mark.parametrize("name", [v for v in inference.VIEWS if v != "identity"])
+@pytest.mark.parametrize("name", [v for v in augmentation.VIEWS if v != "identity"])
 def test_every_view_keeps_the_shape_and_changes_the_image(name):
     x = torch.arange(2 * 3 * 64 * 48, dtype=torch.float32).reshape(2, 3, 64, 48)
-    y = inference.VIEWS[name](x)
+    y = augmentation.VIEWS[name](x)
     assert y.shape == x.shape and not torch.equal(y, x)
 
 
 def test_shift_moves_the_picture_and_repeats_the_border():
     x = torch.arange(12, dtype=torch.float32).reshape(1, 1, 3, 4)
-    right = inference._shift(x, 0, 1)
+    right = augmentation._shift(x, 0, 1)
     assert torch.equal(right[..., 1:], x[..., :-1]) and torch.equal(right[..., 0], x[..., 0])
-    up = inference._shift(x, -1, 0)
+    up = augmentation._shift(x, -1, 0)
     assert torch.equal(up[..., :-1, :], x[..., 1:, :]) and torch.equal(up[..., -1, :], x[..., -1, :])
 
 

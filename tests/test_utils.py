@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+import rundir
 import utils
 
 
@@ -25,11 +26,11 @@ def test_confusion_matrix_counts_every_sample_once():
 
 
 def test_increment_path_never_reuses(tmp_path):
-    assert utils.increment_path(tmp_path / "exp").name == "exp"
-    assert utils.increment_path(tmp_path / "exp").name == "exp2"
+    assert rundir.increment_path(tmp_path / "exp").name == "exp"
+    assert rundir.increment_path(tmp_path / "exp").name == "exp2"
     (tmp_path / "exp4").mkdir()
-    assert utils.increment_path(tmp_path / "exp").name == "exp3"
-    assert utils.increment_path(tmp_path / "exp").name == "exp5"
+    assert rundir.increment_path(tmp_path / "exp").name == "exp3"
+    assert rundir.increment_path(tmp_path / "exp").name == "exp5"
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

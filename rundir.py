@@ -1,0 +1,201 @@
+"""The run layout: where a run lives and what it holds, read and written in one place.
+
+    model/exp/                  a run: config.json, best.pth, last.pth, log.csv, TensorBoard events
+    model/exp2/                 the next run named exp (a run directory is never reused)
+    model/kf/fold0/ ... foldK/  a k-fold run (--fold all): config.json at the top, one run per fold, oof.csv
+
+    python -c "import rundir; print(rundir.newest_run('model'))"
+    python -c "import rundir; print(rundir.read_config('model/exp')['model'])"
+
+A checkpoint carries the run's whole config, so `load_model` rebuilds a model from a `best.pth` copied
+anywhere, with or without the config.json beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import model as model_module
+import utils
+from utils import UserError
+
+CONFIG = "config.json"
+CHECKPOINTS = ("best", "last")
+FOLD_DIR = re.compile(r"fold(\d+)")  # fold subdirectories of a k-fold run: fold0, fold1, ...
+
+# Keys of config.json that are facts about the data and the machine, not flags: a recipe (--config) ignores them.
+DATA_FACTS = (
+    "num_classes",
+    "class_names",
+    "mean",
+    "std",
+    "load_size",
+    "world_size",
+    "global_batch_size",
+    "run_dir",
+    "fold_index",
+    "skipped_images",
+    "label_fix_report",
+    "versions",
+    "git_commit",
+    "command",
+    "train_images",
+    "val_images",
+    "resumed",
+    "model_file",
+    "backbone_file",
+)
+
+
+def increment_path(path: str | os.PathLike) -> Path:
+    """Create and return a new directory `path`, else `path2`, `path3`, ...; never reuses one.
+
+    `mkdir` without `exist_ok` is atomic, so two runs started at once still get different directories.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--model_dir {path.parent} is not a folder (a file is in the way): pass a folder") from None
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.name}{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    return run_dir / f"fold{fold}"
+
+
+def fold_dirs(folder: Path) -> list[Path]:
+    """The `fold{k}` subdirectories of a k-fold run directory that hold a config.json, by fold number."""
+    if not folder.is_dir():
+        return []
+    folds = [p for p in folder.iterdir() if FOLD_DIR.fullmatch(p.name) and (p / CONFIG).is_file()]
+    return sorted(folds, key=lambda p: int(p.name[4:]))
+
+
+def is_fold_of_kfold_run(config: dict[str, Any]) -> bool:
+    """A config of one fold of a `--fold all` run (its directory sits in the k-fold run's directory)."""
+    return config.get("fold") == "all" and config.get("fold_index") is not None
+
+
+def save_config(config: dict[str, Any], run_dir: Path) -> None:
+    utils.save_json(config, run_dir / CONFIG)
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.json, checked for what rebuilding its model needs."""
+    path = run_dir / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: pass a run directory written by train.py") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); retrain or restore it") from None
+    return check_config(config, path)
+
+
+def check_config(config: Any, where: Path) -> dict[str, Any]:
+    missing = [k for k in ("model", "num_classes", "augmentation") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise UserError(f"{where} is damaged (no {', '.join(missing)}); retrain or restore it")
+    return config
+
+
+def class_names_of(config: dict[str, Any]) -> list[str]:
+    """The run's class names; the class indices as text for a run whose config.json predates class_names."""
+    return [str(n) for n in config.get("class_names") or range(config["num_classes"])]
+
+
+def newest_run(root: str | os.PathLike) -> Path:
+    """The most recently trained run (or k-fold run) under `root`, by its newest best.pth."""
+    root = Path(root)
+    found = [(p, p.parent) for p in root.glob("*/best.pth")]
+    found += [(p, p.parent.parent) for p in root.glob("*/fold*/best.pth") if FOLD_DIR.fullmatch(p.parent.name)]
+    if not found:
+        raise UserError(f"no trained run found under {root}: run python train.py first, or pass --model_dir")
+    return max(found, key=lambda item: item[0].stat().st_mtime)[1]
+
+
+def find_runs(root: Path) -> Iterator[tuple[Path, list[Path]]]:
+    """(run directory, the directories holding its config.json and log.csv) for every run under `root`: a run
+    is itself, a k-fold run is its fold0/, fold1/, ... Fold directories are not listed as runs of their own."""
+    for folder, subdirs, files in os.walk(root):
+        here = Path(folder)
+        folds = fold_dirs(here)
+        if folds:
+            parts = [f for f in folds if (f / "log.csv").is_file()]
+        elif CONFIG in files and "log.csv" in files:
+            parts = [here]
+        else:
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            continue
+        subdirs[:] = []  # nothing below a run directory is another run
+        if parts:
+            yield here, parts
+
+
+def checkpoints(entry: str | os.PathLike, which: str = "best") -> list[Path]:
+    """The checkpoint files one `--model_dir` entry stands for: a checkpoint file itself, the `{which}.pth` of
+    each fold of a k-fold run directory, or the run directory's own."""
+    path = Path(entry)
+    if path.is_file():
+        return [path]
+    folds = fold_dirs(path)
+    if folds:
+        return [f / f"{which}.pth" for f in folds]
+    if not path.is_dir():
+        raise UserError(f"--model_dir {path} does not exist: pass a run directory, a k-fold run or a .pth file")
+    if not (path / CONFIG).is_file() and not (path / f"{which}.pth").is_file():
+        raise UserError(
+            f"--model_dir {path} has no config.json: pass a run directory written by train.py "
+            "(or a k-fold run directory holding fold0/, fold1/, ..., or a best.pth file)"
+        )
+    return [path / f"{which}.pth"]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint with its config checked: what a model is rebuilt from."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: the run did not finish an epoch; pick another --model_dir")
+    checkpoint = utils.load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint written by train.py (no model weights in it)")
+    if not isinstance(checkpoint.get("config"), dict) and (path.parent / CONFIG).is_file():
+        checkpoint["config"] = read_config(path.parent)  # older checkpoints: the config.json beside them
+    checkpoint["config"] = check_config(checkpoint.get("config"), path)
+    return checkpoint
+
+
+def build_model(config: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
+    """The model a run's config describes (weights freshly initialised), e.g. for training or to load into."""
+    return model_module.build_model(
+        config["model"], config["num_classes"], backbone=config.get("backbone"), **kwargs
+    )
+
+
+def load_model(path: Path, config: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(the model of a checkpoint with its weights, on the CPU, in eval mode; the run's config): the model that
+    `config` describes (default: the config the checkpoint carries)."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["config"] if config is None else config
+    model = build_model(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        where = path.parent / CONFIG if (path.parent / CONFIG).is_file() else f"the config inside {path}"
+        raise UserError(f"{path} does not match the model in {where} ({detail})") from None
+    return model.eval(), config
