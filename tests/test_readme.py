@@ -78,13 +78,18 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
         "/data/labels.csv": write_label_csv(tmp_path / "pets", tmp_path / "labels.csv"),
         "../shared/data/maskdev/train/images": demo_root / "train/images",
         "label_fixes.csv": write_label_fixes(demo_root, tmp_path / "label_fixes.csv"),
+        "recipe.yaml": write_recipe(tmp_path / "recipe.yaml"),
+        "nets/mynet.py:TinyNet": f"{write_user_model(tmp_path / 'nets/mynet.py')}:TinyNet",
     }
     if "efficientnet_b0.safetensors" in args:  # the GPU recipe's local weights: timm's backbone, as downloaded
         paths["efficientnet_b0.safetensors"] = write_timm_weights("efficientnet_b0", tmp_path / "weights.safetensors")
     args = [str(paths.get(a, a)) for a in args]
     if args[0] == "train.py" and "--resume" in args:  # a run to resume: one epoch of it, resumed to two
-        copy_run(tiny_runs("plain"), tmp_path, Path(args[args.index("--resume") + 1]).name)
+        name = Path(args[args.index("--resume") + 1]).name
+        copy_run(tiny_runs("kfold" if name == "kfold" else "plain"), tmp_path, name)
         args += ["--epochs", "2"]
+    elif args[0] == "train.py" and "--config" in args and args[args.index("--config") + 1].startswith("model/"):
+        copy_run(tiny_runs("plain"), tmp_path, Path(args[args.index("--config") + 1]).parent.name)  # its recipe
     elif args[0] == "train.py":
         args += ["--epochs", "1", "--resize", "64", "48"]
     elif args[0] == "runs.py":  # runs to list, or a k-fold run to read suspects from
@@ -92,7 +97,8 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
         copy_run(tiny_runs("kfold" if "--suspects" in args else "plain"), tmp_path, name)
     else:  # inference of runs named in the examples: one-epoch runs of that kind, trained once per module
         start = args.index("--model_dir") + 1
-        for name in (Path(a).name for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])):
+        entries = [Path(a) for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])]
+        for name in (p.parent.name if p.suffix == ".pth" else p.name for p in entries):
             copy_run(tiny_runs("kfold" if name == "kfold" else "plain"), tmp_path, name)
     result = run_script(args[0], *args[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -125,6 +131,23 @@ def write_timm_weights(name: str, path: Path) -> Path:
     from safetensors.torch import save_file
 
     save_file(timm.create_model(name).state_dict(), str(path))
+    return path
+
+
+def write_recipe(path: Path) -> Path:
+    path.write_text("lr: 0.01\ncriterion: focal\nbatch_size: 32\n")
+    return path
+
+
+def write_user_model(path: Path) -> Path:
+    """A model class in a file outside the project, as a user writes one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "from torch import nn\n\n\nclass TinyNet(nn.Sequential):\n"
+        "    def __init__(self, num_classes: int) -> None:\n"
+        "        super().__init__(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(8, num_classes))\n"
+    )
     return path
 
 
