@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import augmentation
 import dataset as dataset_module
+import labels
 import loss as loss_module
 import model as model_module
 import report
@@ -319,7 +320,7 @@ def fit(
     )
 
     model = model_module.build_model(
-        args.model, num_classes, args.pretrained, args.pretrained_path, backbone=args.backbone
+        args.model, num_classes, args.pretrained, args.pretrained_path, backbone=args.backbone, **labels.model_kwargs()
     )
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

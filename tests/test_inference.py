@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 import dataset
 import inference
+import labels
 import model
 import utils
 from conftest import run_script, tiny_run_args
@@ -66,7 +67,7 @@ def probs(out: Path) -> pd.DataFrame:
     submission = pd.read_csv(out / "output.csv", dtype={"ImageID": str})
     assert list(submission.columns) == ["ImageID", "ans"]
     assert submission["ImageID"].tolist() == table.index.tolist()
-    assert list(table.columns) == dataset.mask_class_names()
+    assert list(table.columns) == labels.mask_class_names()
     np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-5)
     assert (submission["ans"].to_numpy() == table.to_numpy().argmax(1)).all(), "ans is the most probable class"
     return table
@@ -205,7 +206,7 @@ def probs_by_name(out: Path) -> pd.DataFrame:
     table = pd.read_csv(out / "probs.csv").set_index("ImageID")
     submission = pd.read_csv(out / "output.csv").set_index("ImageID")
     assert submission.index.tolist() == table.index.tolist()
-    names = np.asarray(dataset.mask_class_names())
+    names = np.asarray(labels.mask_class_names())
     assert (submission["ans"].to_numpy() == names[table.to_numpy().argmax(1)]).all()
     return table.join(submission)
 
