@@ -1,4 +1,5 @@
-"""Datasets and their splits (holdout and k-fold); the mask competition's label rules live in labels.py.
+"""Datasets and their splits (holdout and k-fold), and the eval data inference.py reads; the mask competition's
+label rules live in labels.py, the splits in splits.py, image decoding in imaging.py.
 
 python -c "import dataset; print(len(dataset.MaskSplitByProfileDataset('data/demo/train/images')))"
 python -c "import dataset; d = dataset.ImageFolderDataset('data/flowers'); print(d.class_names, d.fold_ids(5))"
@@ -22,26 +23,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import augmentation
+import imaging
+import labels
+import splits
 import utils
-from imaging import compute_mean_std as compute_mean_std  # re-exported: callers use dataset.compute_mean_std
-from imaging import decode_fixed, load_image
-
-# The `X as X` imports re-export the label rules: callers keep using dataset.encode, dataset.MASK_FILES, ...
-from labels import DEFAULT_AGE_BOUNDS as DEFAULT_AGE_BOUNDS
-from labels import GENDER_NAMES as GENDER_NAMES
-from labels import GENDERS as GENDERS
-from labels import MASK_FILES as MASK_FILES
-from labels import MASK_NAMES as MASK_NAMES
-from labels import FixableField, apply_label_fixes, class_parser, parse_age, parse_gender, parse_mask
-from labels import age_band as age_band
-from labels import age_names as age_names
-from labels import decode as decode
-from labels import encode as encode
-from labels import mask_class_names as mask_class_names
-from labels import parse_profile as parse_profile
-from splits import SPLITS as SPLITS  # re-exported: train.py's --split choices
-from splits import check_split_args as check_split_args
-from splits import fold_split, kfold_ids, rarest_class_strata, stratified_group_split
 from utils import UserError
 
 # What counts as an image file, by extension in any case (the formats PIL reads that datasets ship in).
@@ -52,9 +37,17 @@ SEED_MEAN, SEED_STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def is_hidden(path: Path) -> bool:
-    """Hidden files and macOS resource forks (`._x.jpg`) are never images."""
-    return path.name.startswith(".")
+def is_hidden(path: Path, root: Path | None = None) -> bool:
+    """Whether `path`, or a folder between `root` and it, is hidden: hidden files and macOS resource forks
+    (`._x.jpg`) are never data."""
+    parts = path.relative_to(root).parts if root is not None else (path.name,)
+    return any(part.startswith(".") for part in parts)
+
+
+def is_image(path: Path, root: Path | None = None) -> bool:
+    """Whether the file `path` is an image: an IMG_EXTENSIONS extension in any case and not hidden (see `is_hidden`).
+    The one rule of every dataset here and of inference's folders of images."""
+    return path.suffix.lower() in IMG_EXTENSIONS and not is_hidden(path, root)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,22 +74,22 @@ def index_mask_folder(data_dir: str | os.PathLike) -> MaskIndex:
     rows, bad, missing, extra = [], [], [], []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p)):
         try:
-            pid, gender, race, age = parse_profile(folder.name)
+            pid, gender, race, age = labels.parse_profile(folder.name)
         except ValueError as e:
             bad.append(f"{folder.name} ({e})")
             continue
         found: dict[str, Path] = {}
         for path in sorted(folder.iterdir()):
-            if is_hidden(path) or path.suffix.lower() not in IMG_EXTENSIONS:
+            if not is_image(path):
                 continue
             stem = path.stem.lower()
-            if stem not in MASK_FILES or stem in found:  # e.g. mask6.jpg, or mask1.jpg next to mask1.png
+            if stem not in labels.MASK_FILES or stem in found:  # e.g. mask6.jpg, or mask1.jpg next to mask1.png
                 extra.append(str(path))
                 continue
             found[stem] = path
-            rows.append((str(path), folder.name, pid, gender, race, age, MASK_FILES[stem], stem))
-        if found and len(found) < len(MASK_FILES):
-            missing.append(f"{folder.name} ({', '.join(s for s in MASK_FILES if s not in found)})")
+            rows.append((str(path), folder.name, pid, gender, race, age, labels.MASK_FILES[stem], stem))
+        if found and len(found) < len(labels.MASK_FILES):
+            missing.append(f"{folder.name} ({', '.join(s for s in labels.MASK_FILES if s not in found)})")
     images = pd.DataFrame(rows, columns=["path", "person", "id", "gender", "race", "age", "mask", "stem"])
     if images.empty and not bad:
         raise UserError(
@@ -146,7 +139,7 @@ def _check_train_csv(path: Path, images: pd.DataFrame) -> list[str]:
         differ = [
             row["path"]
             for _, row in table[table["path"].isin(present)].iterrows()
-            if str(row["gender"]).lower() != GENDER_NAMES[folders.at[row["path"], "gender"]]
+            if str(row["gender"]).lower() != labels.GENDER_NAMES[folders.at[row["path"], "gender"]]
             or str(row["age"]) != str(folders.at[row["path"], "age"])
         ]
         if differ:
@@ -171,18 +164,18 @@ class MaskBaseDataset(Dataset):
         data_dir: str | os.PathLike,
         val_ratio: float = 0.2,
         seed: int = 42,
-        age_bounds: Sequence[int] = DEFAULT_AGE_BOUNDS,
+        age_bounds: Sequence[int] = labels.DEFAULT_AGE_BOUNDS,
         split: str = "auto",
         label_fixes: str | os.PathLike | None = None,
     ) -> None:
-        check_split_args(split)
+        splits.check_split_args(split)
         self.data_dir = Path(data_dir)
         self.val_ratio = val_ratio
         self.seed = seed
         self.split = split
         self.age_bounds = tuple(age_bounds)
         self.label_fixes = label_fixes or None
-        self.class_names = mask_class_names(self.age_bounds)
+        self.class_names = labels.mask_class_names(self.age_bounds)
         # Per-instance lists: two datasets never share state.
         self.image_paths: list[Path] = []
         self.persons: list[str] = []  # folder name of each image
@@ -217,17 +210,19 @@ class MaskBaseDataset(Dataset):
     def fix_labels(self, path: str | os.PathLike) -> dict[str, Any]:
         """Apply a label-fix file (see labels.py): gender and age by person id or path, mask by path only."""
         fields = {
-            "gender": FixableField(self.gender_labels, parse_gender, GENDER_NAMES.__getitem__),
-            "age": FixableField(self.ages, parse_age),
-            "mask": FixableField(self.mask_labels, parse_mask, MASK_NAMES.__getitem__, per_image=True),
+            "gender": labels.FixableField(self.gender_labels, labels.parse_gender, labels.GENDER_NAMES.__getitem__),
+            "age": labels.FixableField(self.ages, labels.parse_age),
+            "mask": labels.FixableField(
+                self.mask_labels, labels.parse_mask, labels.MASK_NAMES.__getitem__, per_image=True
+            ),
         }
-        return apply_label_fixes(path, fields, self.image_paths, self.data_dir, self.groups, "person")
+        return labels.apply_label_fixes(path, fields, self.image_paths, self.data_dir, self.groups, "person")
 
     @property
     def labels(self) -> np.ndarray:
         """The 18-class label of every image."""
-        bands = [age_band(a, self.age_bounds) for a in self.ages]
-        return encode(np.asarray(self.mask_labels), np.asarray(self.gender_labels), np.asarray(bands))
+        bands = [labels.age_band(a, self.age_bounds) for a in self.ages]
+        return labels.encode(np.asarray(self.mask_labels), np.asarray(self.gender_labels), np.asarray(bands))
 
     def label_text(self, label: int) -> str:
         return self.class_names[int(label)]
@@ -253,28 +248,28 @@ class MaskBaseDataset(Dataset):
             split = "stratified" if self.image_level_holdout and not kfold else "both"
         if split == "stratified":
             return np.arange(len(self)), self.labels, "images"
-        bands = np.asarray([age_band(a, self.age_bounds) for a in self.ages], dtype=np.int64)
+        bands = np.asarray([labels.age_band(a, self.age_bounds) for a in self.ages], dtype=np.int64)
         strata = np.asarray(self.gender_labels) * 3 + bands if split == "both" else np.zeros_like(bands)
         return np.asarray(self.groups), strata, "persons"
 
     def fold_ids(self, n_splits: int) -> np.ndarray:
-        """Fold (0..n_splits-1) of every image: a stratified group k-fold (see `kfold_ids` and `split_arrays`)."""
+        """Fold (0..n_splits-1) of every image: a stratified group k-fold (see `splits.kfold_ids`, `split_arrays`)."""
         groups, strata, noun = self.split_arrays(kfold=True)
-        return kfold_ids(groups, strata, n_splits, self.seed, noun)
+        return splits.kfold_ids(groups, strata, n_splits, self.seed, noun)
 
     def split_dataset(self, fold: int | None = None, n_splits: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Indices (train, val): the `val_ratio` holdout, or with `fold` that fold of `fold_ids(n_splits)`."""
-        check_split_args(self.split, fold, n_splits)
+        splits.check_split_args(self.split, fold, n_splits)
         if fold is not None:
-            return fold_split(self.fold_ids(n_splits), fold)
+            return splits.fold_split(self.fold_ids(n_splits), fold)
         groups, strata, _ = self.split_arrays()
-        return stratified_group_split(groups, strata, self.val_ratio, self.seed)
+        return splits.stratified_group_split(groups, strata, self.val_ratio, self.seed)
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return load_image(self.image_paths[index]), int(self.labels[index])
+        return imaging.load_image(self.image_paths[index]), int(self.labels[index])
 
 
 class MaskSplitByProfileDataset(MaskBaseDataset):
@@ -299,7 +294,7 @@ class ImageFolderDataset(Dataset):
         group_pattern: str | None = None,
         label_fixes: str | os.PathLike | None = None,
     ) -> None:
-        check_split_args(split)
+        splits.check_split_args(split)
         self.data_dir = Path(data_dir)
         self.val_ratio = val_ratio
         self.seed = seed
@@ -330,13 +325,9 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"data directory {root} does not exist: pass --data_dir (a folder of class folders)")
         others, empty = [], []
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p)):
-            files = sorted(
-                p
-                for p in folder.rglob("*")
-                if p.is_file() and not any(s[0] == "." for s in p.relative_to(folder).parts)
-            )
-            images = [p for p in files if p.suffix.lower() in IMG_EXTENSIONS]
-            others += [str(p) for p in files if p.suffix.lower() not in IMG_EXTENSIONS]
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_hidden(p, folder))
+            images = [p for p in files if is_image(p, folder)]
+            others += [str(p) for p in files if not is_image(p, folder)]
             if not images:
                 empty.append(folder.name)
                 continue
@@ -372,15 +363,15 @@ class ImageFolderDataset(Dataset):
 
     def fix_labels(self, path: str | os.PathLike) -> dict[str, Any]:
         """Apply a label-fix file (see labels.py): field `label`, a class name, by image path or group id."""
-        labels = self.labels.tolist()
-        field = FixableField(labels, class_parser(self.class_names), self.class_names.__getitem__)
+        values = self.labels.tolist()
+        field = labels.FixableField(values, labels.class_parser(self.class_names), self.class_names.__getitem__)
         root = self.image_root or self.data_dir
         ids = self.groups if self.has_groups else None
-        report = apply_label_fixes(
+        report = labels.apply_label_fixes(
             path, {"label": field}, self.image_paths, root, ids, "group", f"pass {self.group_flag}"
         )
-        self.labels = np.asarray(labels, dtype=np.int64)
-        present = set(labels)
+        self.labels = np.asarray(values, dtype=np.int64)
+        present = set(values)
         empty = [name for i, name in enumerate(self.class_names) if i not in present]
         if empty:
             print(f"warning: after the label fixes, class(es) {utils.listing(empty)} have no image", file=sys.stderr)
@@ -413,7 +404,7 @@ class ImageFolderDataset(Dataset):
         groups = np.asarray(self.groups)
         if split == "grouped":
             return groups, np.zeros(len(self), dtype=np.int64), f"groups ({self.group_flag})"
-        strata = self.labels if kfold else rarest_class_strata(groups, self.labels)
+        strata = self.labels if kfold else splits.rarest_class_strata(groups, self.labels)
         return groups, strata, f"groups ({self.group_flag})"
 
     # The mask datasets' code, not a copy: it reads only split_arrays(), seed, val_ratio, labels and image_paths.
@@ -451,37 +442,12 @@ class CSVDataset(ImageFolderDataset):
     def setup(self) -> None:
         """Read the CSV (`data_dir`, or the only CSV in that folder); stop on missing columns or images."""
         path = find_csv(self.data_dir)
-        try:
-            # All text, nothing read as NaN: labels and groups are names, "NA" and "007" included.
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-            raise UserError(f"{path} is not a readable CSV ({e}): pass the labels CSV as --data_dir") from None
-        columns = ", ".join(table.columns)
-        image_column = self.image_column or next((c for c in self.IMAGE_COLUMNS if c in table.columns), None)
-        if image_column is None:
-            raise UserError(
-                f"{path} has none of the columns {', '.join(self.IMAGE_COLUMNS)}: pass --image_column "
-                f"(columns: {columns})"
-            )
-        for column, flag in (
-            (image_column, "--image_column"),
-            (self.label_column, "--label_column"),
-            (self.group_column, "--group_column"),
-        ):
-            if column is not None and column not in table.columns:
-                raise UserError(f"{path} has no column '{column}' ({flag}); its columns: {columns}")
-        if table.empty:
-            raise UserError(f"no images found: {path} has no rows")
         root = self.image_root = self.image_root or path.parent
         if not root.is_dir():
             raise UserError(f"--image_root {root} does not exist: pass the folder the CSV's paths are relative to")
-        self.image_paths = [root / p for p in table[image_column]]
-        missing = [p for p, full in zip(table[image_column], self.image_paths, strict=True) if not full.is_file()]
-        if missing:
-            raise UserError(
-                f"{len(missing)} image(s) listed in {path} are not files under {root}: {utils.listing(missing, 10)}; "
-                "fix the paths or pass --image_root (the folder they are relative to)"
-            )
+        columns = {self.label_column: "--label_column", self.group_column: "--group_column"}
+        fix = "fix the paths or pass --image_root (the folder they are relative to)"
+        table, _, self.image_paths = read_image_csv(path, self.image_column, root, fix, columns)
         values = table[self.label_column].str.strip()
         if (values == "").any():
             rows = [str(i + 2) for i in np.flatnonzero(values == "")]  # line numbers, the header being line 1
@@ -505,6 +471,54 @@ def find_csv(path: Path) -> Path:
         names = utils.listing([p.name for p in found]) or "none"
         raise UserError(f"{path} is a folder with {len(found)} CSV files ({names}): pass the labels CSV as --data_dir")
     return found[0]
+
+
+def read_image_csv(
+    path: Path,
+    column: str | None = None,
+    root: Path | None = None,
+    fix: str = "fix the paths (relative to the CSV's folder) or restore the images",
+    columns: dict[str | None, str] | None = None,
+) -> tuple[pd.DataFrame, str, list[Path]]:
+    """(table, image column, image paths) of a CSV file that lists images, one per row in the file's order: the
+    CSVDataset's and inference's reader. The image column is `column`, else the first of CSVDataset.IMAGE_COLUMNS
+    in the file; paths are relative to `root` (default: the CSV's folder), absolute ones stay as they are.
+
+    Every cell is read as text, none as NaN: labels and ids are names, "NA" and "007" included. A `UserError` names
+    the file when it cannot be read, lacks the image column or one of `columns` ({column: its flag}; None: not
+    asked for), has no rows or an empty path, or lists images that are not files (`fix` says what to do).
+    """
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' parser and empty-file errors are ValueErrors
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable CSV file ({first}): pass a CSV file with a header row") from None
+    names = ", ".join(map(str, table.columns))
+    tried = [column] if column else list(CSVDataset.IMAGE_COLUMNS)
+    image_column = next((c for c in tried if c in table.columns), None)
+    if image_column is None:
+        raise UserError(
+            f"{path} has no {' or '.join(repr(c) for c in tried)} column (columns: {names}): pass --image_column "
+            "with the column of image paths"
+        )
+    for other, flag in (columns or {}).items():
+        if other is not None and other not in table.columns:
+            raise UserError(f"{path} has no column '{other}' ({flag}); its columns: {names}")
+    if table.empty:
+        raise UserError(f"no images found: {path} has no rows")
+    empty = [str(i + 2) for i in np.flatnonzero(table[image_column] == "")]  # line numbers, the header being line 1
+    if empty:
+        raise UserError(
+            f"{path} has no image path ('{image_column}') on line(s) {utils.listing(empty, 10)}: every row needs one"
+        )
+    root = root or path.parent
+    paths = [root / p for p in table[image_column]]
+    missing = [p for p, full in zip(table[image_column], paths, strict=True) if not full.is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} image(s) listed in {path} are not files under {root}: {utils.listing(missing, 10)}; {fix}"
+        )
+    return table, image_column, paths
 
 
 def class_order(values: Sequence[str]) -> list[str]:
@@ -542,7 +556,9 @@ class ImageSubset(Dataset):
     def pixels(self, i: int) -> np.ndarray:
         """The i-th image before the transform: HxWx3 uint8 at `size`, from the cache when there is one."""
         j = int(self.indices[i])
-        return self.cache[j] if self.cache is not None else decode_fixed(self.dataset.image_paths[j], self.size)
+        if self.cache is not None:
+            return self.cache[j]
+        return imaging.decode_fixed(self.dataset.image_paths[j], self.size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(Image.fromarray(self.pixels(i))), int(self.targets[i])
@@ -592,7 +608,68 @@ class TestDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if self.size is None:
-            image = load_image(self.image_paths[index])
+            image = imaging.load_image(self.image_paths[index])
         else:
-            image = Image.fromarray(decode_fixed(self.image_paths[index], self.size))
+            image = Image.fromarray(imaging.decode_fixed(self.image_paths[index], self.size))
         return (self.transform(image) if self.transform else image), index
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eval data in any layout, as inference.py reads it.
+class ImageListDataset(Dataset):
+    """Given image paths, in order, decoded at `size` (H, W) and transformed, as TestDataset reads info.csv's."""
+
+    def __init__(self, image_paths: Sequence[Path], transform: Callable, size: Sequence[int]) -> None:
+        self.image_paths = list(image_paths)
+        self.transform = transform
+        self.size = tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(imaging.decode_fixed(self.image_paths[index], self.size))
+        return self.transform(image), index
+
+
+@dataclass
+class EvalImages:
+    """The images to predict, in submission order: their ImageIDs, paths, and where they came from."""
+
+    source: Path  # the eval folder, image folder or CSV file
+    image_ids: list[str]
+    image_paths: list[Path]
+    competition: bool  # info.csv layout: read through TestDataset, scored against truth.csv
+
+    def dataset(self, transform: Callable, size: Sequence[int]) -> Dataset:
+        """The images as a dataset of (transformed image, index) at decoding size `size` (H, W)."""
+        if self.competition:
+            return TestDataset(self.source, transform, size)
+        return ImageListDataset(self.image_paths, transform, size)
+
+
+def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any]) -> EvalImages:
+    """The images of `path` in the competition layout (info.csv), a folder of images, or a CSV of image paths
+    (column `image_column`, else the run's: `config` is its config.json)."""
+    if path.is_dir() and ((path / "info.csv").is_file() or (path / "images").is_dir()):
+        if not (path / "info.csv").is_file():  # the competition layout without its list of images
+            raise UserError(
+                f"{path / 'info.csv'} does not exist: pass the eval directory (with info.csv) as --data_dir, or "
+                f"{path / 'images'} to predict every image in it"
+            )
+        test_set = TestDataset(path)
+        return EvalImages(path, test_set.image_ids, test_set.image_paths, competition=True)
+    if path.is_dir():
+        paths = sorted((p for p in path.rglob("*") if p.is_file() and is_image(p, path)), key=lambda p: p.as_posix())
+        if not paths:
+            raise UserError(
+                f"no images ({', '.join(IMG_EXTENSIONS)}) found under --data_dir {path}: pass an "
+                "eval folder with info.csv, a folder of images or a CSV file of image paths"
+            )
+        return EvalImages(path, [p.relative_to(path).as_posix() for p in paths], paths, competition=False)
+    if path.is_file():
+        table, column, paths = read_image_csv(path, image_column or config.get("image_column"))
+        return EvalImages(path, table[column].tolist(), paths, competition=False)
+    raise UserError(
+        f"--data_dir {path} does not exist: pass an eval folder with info.csv, a folder of images or a CSV file"
+    )

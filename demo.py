@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from dataset import GENDER_NAMES, MASK_FILES, age_band, encode
+from labels import GENDER_NAMES, MASK_FILES, age_band, encode
 from utils import UserError
 
 DEMO_SIZE = (512, 384)  # (H, W) of the competition's portrait photos

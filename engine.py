@@ -515,10 +515,11 @@ def build_split(
 # Building a run
 def build_state(config: dict[str, Any], split: Split, num_classes: int, device: torch.device, world: int) -> RunState:
     """A fresh RunState for `config`: model (initialised from the current RNG), EMA, optimizer, schedule, scaler."""
-    model = model_module.build_model(
-        config["model"], num_classes, config.get("pretrained", False), config.get("pretrained_path"),
-        backbone=config.get("backbone"),
-    )  # fmt: skip
+    model = rundir.build_model(
+        {**config, "num_classes": num_classes},
+        pretrained=config.get("pretrained", False),
+        pretrained_path=config.get("pretrained_path"),
+    )
     if world > 1 and config.get("sync_bn"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

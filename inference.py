@@ -16,7 +16,7 @@ import argparse
 import functools
 import tempfile
 from argparse import Namespace
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import augmentation as augmentation_module
 import cache as cache_module
@@ -175,38 +174,7 @@ def build_augmentation(config: dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Eval data in any layout.
-class ImageListDataset(Dataset):
-    """Given image paths, in order, decoded at `size` (H, W) and transformed, as TestDataset reads info.csv's."""
-
-    def __init__(self, image_paths: Sequence[Path], transform: Callable, size: Sequence[int]) -> None:
-        self.image_paths = list(image_paths)
-        self.transform = transform
-        self.size = tuple(size)
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(dataset_module.decode_fixed(self.image_paths[index], self.size))
-        return self.transform(image), index
-
-
-@dataclass
-class EvalImages:
-    """The images to predict, in submission order: their ImageIDs, paths, and where they came from."""
-
-    source: Path  # the eval folder, image folder or CSV file
-    image_ids: list[str]
-    image_paths: list[Path]
-    competition: bool  # info.csv layout: read through dataset.TestDataset, scored against truth.csv
-
-    def dataset(self, transform: Callable, size: Sequence[int]) -> Dataset:
-        if self.competition:
-            return dataset_module.TestDataset(self.source, transform, size)
-        return ImageListDataset(self.image_paths, transform, size)
-
-
+# Eval data in any layout (read by dataset.find_eval_images).
 def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
     """The given eval data, else the competition default, else `eval/` beside the run's `train/images`."""
     if data_dir:
@@ -220,63 +188,6 @@ def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
         "no eval data: pass --data_dir (a folder with info.csv and images/, a folder of images, or a CSV file of "
         "image paths) or set SM_CHANNEL_EVAL"
     )
-
-
-def is_image(path: Path, root: Path) -> bool:
-    parts = path.relative_to(root).parts
-    return path.suffix.lower() in dataset_module.IMG_EXTENSIONS and not any(p.startswith(".") for p in parts)
-
-
-def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any]) -> EvalImages:
-    """The images of `path` in the competition layout (info.csv), a folder of images, or a CSV of image paths."""
-    if path.is_dir() and ((path / "info.csv").is_file() or (path / "images").is_dir()):
-        if not (path / "info.csv").is_file():  # the competition layout without its list of images
-            raise UserError(
-                f"{path / 'info.csv'} does not exist: pass the eval directory (with info.csv) as --data_dir, or "
-                f"{path / 'images'} to predict every image in it"
-            )
-        test_set = dataset_module.TestDataset(path)
-        return EvalImages(path, test_set.image_ids, test_set.image_paths, competition=True)
-    if path.is_dir():
-        paths = sorted((p for p in path.rglob("*") if p.is_file() and is_image(p, path)), key=lambda p: p.as_posix())
-        if not paths:
-            raise UserError(
-                f"no images ({', '.join(dataset_module.IMG_EXTENSIONS)}) found under --data_dir {path}: pass an "
-                "eval folder with info.csv, a folder of images or a CSV file of image paths"
-            )
-        return EvalImages(path, [p.relative_to(path).as_posix() for p in paths], paths, competition=False)
-    if path.is_file():
-        return read_image_csv(path, image_column or config.get("image_column"))
-    raise UserError(
-        f"--data_dir {path} does not exist: pass an eval folder with info.csv, a folder of images or a CSV file"
-    )
-
-
-def read_image_csv(csv_path: Path, column: str | None) -> EvalImages:
-    """The images listed in `column` of a CSV file (default: the first of CSVDataset's usual names), in its row
-    order; relative paths are from the CSV's folder."""
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise UserError(f"--data_dir {csv_path} is not a readable CSV file ({str(e).splitlines()[0]})") from None
-    tried = [column] if column else list(dataset_module.CSVDataset.IMAGE_COLUMNS)
-    column = next((c for c in tried if c in table.columns), None)
-    if column is None:
-        raise UserError(
-            f"{csv_path} has no {' or '.join(repr(c) for c in tried)} column (columns: "
-            f"{', '.join(map(str, table.columns))}): name the column of image paths with --image_column"
-        )
-    ids = table[column].tolist()
-    if not ids or any(not i for i in ids):
-        raise UserError(f"{csv_path} has empty cells or no rows in column '{column}': every row needs an image path")
-    paths = [csv_path.parent / i for i in ids]  # an absolute path in the CSV stays as it is
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(
-            f"{len(missing)} image(s) listed in {csv_path} do not exist: {utils.listing(missing)}; "
-            "fix the paths (relative to the CSV's folder) or restore the images"
-        )
-    return EvalImages(csv_path, ids, paths, competition=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,7 +248,7 @@ def check_members(args: Namespace) -> list[Member]:
     return members
 
 
-def check_images(images: EvalImages, load_size: Sequence[int], num_workers: int) -> None:
+def check_images(images: dataset_module.EvalImages, load_size: Sequence[int], num_workers: int) -> None:
     decode = functools.partial(imaging.decode_fixed, size=tuple(load_size))
     bad = cache_module.find_unreadable([str(p) for p in images.image_paths], decode, workers=num_workers + 1)
     if bad:
@@ -347,7 +258,7 @@ def check_images(images: EvalImages, load_size: Sequence[int], num_workers: int)
 
 
 def predict_member(
-    model: torch.nn.Module, aug: Any, images: EvalImages, args: Namespace, device: torch.device
+    model: torch.nn.Module, aug: Any, images: dataset_module.EvalImages, args: Namespace, device: torch.device
 ) -> np.ndarray:
     """One model's class probabilities for every image, averaged over the TTA views (engine.evaluate)."""
     transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
@@ -369,7 +280,7 @@ def predict_member(
 def main(args: Namespace) -> Path:
     members = check_members(args)
     config = members[0].config
-    images = find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
+    images = dataset_module.find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
     device = utils.select_device(args.device)
     # Every checkpoint is loaded (on the CPU) before anything is written, so a bad run fails without output.
     used = [m for m in members if m.weight > 0]

@@ -27,6 +27,10 @@ MASK_NAMES = ("wear", "incorrect", "not wear")
 GENDERS = {"male": 0, "female": 1}
 GENDER_NAMES = ("male", "female")
 DEFAULT_AGE_BOUNDS = (30, 60)
+# The label's three fields and their number of values, in the order of `encode`'s arguments and `decode`'s result:
+# class = mask * 6 + gender * 3 + age is the row-major index into a (3, 2, 3) grid, which is how a multi-head
+# model combines its heads (model.combine_tasks). The names are its heads' names, so checkpoints hold heads.mask, ...
+TASKS = {"mask": len(MASK_NAMES), "gender": len(GENDER_NAMES), "age": 3}
 
 
 def age_band(age: int, bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> int:
@@ -35,6 +39,7 @@ def age_band(age: int, bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> int:
 
 
 def age_names(bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> tuple[str, str, str]:
+    """The names of the three age bands, e.g. ('<30', '30-59', '>=60')."""
     return (f"<{bounds[0]}", f"{bounds[0]}-{bounds[1] - 1}", f">={bounds[1]}")
 
 
@@ -46,6 +51,13 @@ def encode(mask: Any, gender: Any, age: Any) -> Any:
 def decode(label: Any) -> tuple[Any, Any, Any]:
     """(mask, gender, age band) of an 18-class label; works on ints and arrays."""
     return label // 6, (label // 3) % 2, label % 3
+
+
+def model_kwargs() -> dict[str, Any]:
+    """The keyword arguments of `model.build_model` that come from the labels: `tasks`, the heads of a multi-head
+    model (model.py imports nothing from the project, so it is told). Training and inference both build their
+    models with it, so a run's model is rebuilt as it was trained."""
+    return {"tasks": dict(TASKS)}
 
 
 def mask_class_names(bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> list[str]:

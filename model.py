@@ -7,7 +7,8 @@
 
 To add a model, define a class here taking `num_classes`; `--model YourClass` then works and the tests
 check it automatically. Its forward returns (N, num_classes) logits, or any raw layout together with a
-`class_logits(outputs)` method that maps it to (N, num_classes) scores (as `MultiHeadModel` does).
+`class_logits(outputs)` method that maps it to (N, num_classes) scores (as `MultiHeadModel` does, which also takes
+`tasks`: its heads' names and class counts, given by train.py and inference.py from labels.TASKS).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import inspect
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +61,16 @@ class BaseModel(nn.Module):
         return self.classifier(self.dropout(x))
 
 
-# The mask competition's label as three tasks: mask (wear, incorrect, normal), gender (male, female), age band
-# (<30, 30-59, >=60); class = mask * 6 + gender * 3 + age, which is the row-major index into a (3, 2, 3) grid
-# (dataset.encode). Kept here rather than imported, as model.py imports nothing from the project but utils.
-TASK_NAMES = ("mask", "gender", "age")
-TASK_SIZES = (3, 2, 3)
-
-
-def split_tasks(outputs: torch.Tensor, tasks: Sequence[int] = TASK_SIZES) -> tuple[torch.Tensor, ...]:
+# A multi-head model predicts several tasks (for the mask competition: mask, gender and age band, labels.TASKS) and
+# its class is the row-major index into the grid of task sizes (there: mask * 6 + gender * 3 + age, labels.encode).
+# model.py imports nothing from the project but utils, so the tasks are passed in (labels.model_kwargs).
+def split_tasks(outputs: torch.Tensor, tasks: Sequence[int]) -> tuple[torch.Tensor, ...]:
     """The (N, sum(tasks)) raw outputs of a multi-head model cut into one (N, size) logit block per task."""
     assert outputs.shape[-1] == sum(tasks), f"{outputs.shape[-1]} outputs for tasks {tuple(tasks)}; need {sum(tasks)}"
     return tuple(outputs.split(list(tasks), dim=-1))
 
 
-def combine_tasks(outputs: torch.Tensor, tasks: Sequence[int] = TASK_SIZES) -> torch.Tensor:
+def combine_tasks(outputs: torch.Tensor, tasks: Sequence[int]) -> torch.Tensor:
     """(N, prod(tasks)) class log-probabilities: the sum of the tasks' log-softmaxes, in row-major class order.
 
     So the softmax of the result is the product of the task probabilities and its argmax is the combination of
@@ -111,19 +108,22 @@ class MultiHeadModel(nn.Module):
 
     def __init__(
         self,
-        num_classes: int = 18,
+        num_classes: int,
+        tasks: Mapping[str, int],
         backbone: str = "BaseModel",
         pretrained: bool = False,
         dropout: float | None = None,
     ) -> None:
+        """`tasks`: each head's name and class count, in class order (labels.model_kwargs gives the mask tasks)."""
         super().__init__()
-        if num_classes != math.prod(TASK_SIZES):
+        self.task_names = tuple(tasks)
+        self.tasks = tuple(tasks.values())
+        if num_classes != math.prod(self.tasks):
             raise UserError(
-                f"--model MultiHeadModel predicts mask, gender and age, so it is only for the "
-                f"{math.prod(TASK_SIZES)} mask classes; this data set has {num_classes} classes: use a single-head "
+                f"--model MultiHeadModel predicts {', '.join(self.task_names)}, so it is only for the "
+                f"{math.prod(self.tasks)} mask classes; this data set has {num_classes} classes: use a single-head "
                 "model such as BaseModel or a timm architecture"
             )
-        self.tasks = TASK_SIZES
         if backbone == "BaseModel":
             if pretrained:
                 raise UserError(
@@ -149,17 +149,16 @@ class MultiHeadModel(nn.Module):
             net = _create_timm(backbone, pretrained, num_classes=0, drop_rate=dropout, flag="--backbone")
             width = getattr(net, "head_hidden_size", None) or net.num_features
         self.backbone = net
-        self.heads = nn.ModuleDict(
-            {name: nn.Linear(width, size) for name, size in zip(TASK_NAMES, TASK_SIZES, strict=True)}
-        )
+        self.heads = nn.ModuleDict({name: nn.Linear(width, size) for name, size in tasks.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 8) raw logits: mask 3 | gender 2 | age 3 (see `split_tasks` and `class_logits`)."""
+        """(N, sum(tasks)) raw logits, one block per task (mask 3 | gender 2 | age 3; see `split_tasks`)."""
         features = self.backbone(x)
         return torch.cat([head(features) for head in self.heads.values()], dim=1)
 
     def class_logits(self, outputs: torch.Tensor) -> torch.Tensor:
-        """(N, 18) log p_mask + log p_gender + log p_age at index mask * 6 + gender * 3 + age."""
+        """(N, prod(tasks)) class log-probabilities (see `combine_tasks`); for the mask tasks,
+        log p_mask + log p_gender + log p_age at index mask * 6 + gender * 3 + age."""
         return combine_tasks(outputs, self.tasks)
 
 
@@ -263,10 +262,12 @@ def build_model(
     `pretrained` downloads timm's weights (needs a network); `pretrained_path` loads weights from a local file
     (timm .safetensors/.pth/.bin, or one of our checkpoints), re-initialising layers whose shape differs,
     such as a classifier head for another number of classes. kwargs that are None keep the model's defaults;
-    `backbone` is accepted only by models that take it (MultiHeadModel).
+    `backbone` is accepted only by models that take it (MultiHeadModel). `tasks` (labels.model_kwargs) goes to
+    the models that take it and is dropped for the others: a single-head model predicts the classes directly.
     """
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    tasks = kwargs.pop("tasks", None)
     classes = model_classes()
     if name in classes or is_file_spec(name):
         cls = classes[name] if name in classes else class_from_file(name)
@@ -279,6 +280,8 @@ def build_model(
             )
         if pretrained:
             kwargs["pretrained"] = True
+        if tasks is not None and "tasks" in takes:
+            kwargs["tasks"] = tasks
         model = cls(num_classes=num_classes, **utils.filter_kwargs(cls, kwargs))
     else:
         if "backbone" in kwargs:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 import dataset
+import labels
 import utils
 
 
@@ -31,7 +32,7 @@ def log_line(row: dict[str, Any], epochs: int, eval_metric: str = "macro_f1") ->
     """The one line printed per epoch, with every metric of `row`, the score best.pth is chosen on (--eval_metric)
     and the elapsed time."""
     ema = f" ema f1 {row['ema_val_f1']:.4f} loss {row['ema_val_loss']:.4f}" if "ema_val_f1" in row else ""
-    tasks = "".join(f" {t} {row[f'val_{t}_acc']:.1%}" for t in TASKS if f"val_{t}_acc" in row)
+    tasks = "".join(f" {t} {row[f'val_{t}_acc']:.1%}" for t in labels.TASKS if f"val_{t}_acc" in row)
     return (
         f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%} "
         f"f1 {row['train_f1']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2%} "
@@ -41,16 +42,13 @@ def log_line(row: dict[str, Any], epochs: int, eval_metric: str = "macro_f1") ->
     )
 
 
-TASKS = ("mask", "gender", "age")
-
-
 def task_metrics(data: Any, targets: np.ndarray, preds: np.ndarray, worst: int = 3) -> dict[str, Any]:
     """Accuracy of each task (mask, gender, age band) for mask-competition data, and the `worst` classes by F1
     (among those in the truth): where to look before changing anything."""
     targets, preds = np.asarray(targets), np.asarray(preds)
     out: dict[str, Any] = {}
     if isinstance(data, dataset.MaskBaseDataset):
-        for task, truth, pred in zip(TASKS, dataset.decode(targets), dataset.decode(preds), strict=True):
+        for task, truth, pred in zip(labels.TASKS, labels.decode(targets), labels.decode(preds), strict=True):
             out[f"val_{task}_acc"] = float((truth == pred).mean())
     f1 = utils.f1_per_class(targets, preds, len(data.class_names))
     present = [k for k in np.argsort(f1, kind="stable") if (targets == k).any()][:worst]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+import labels
 import model as model_module
 import utils
 from utils import UserError
@@ -182,7 +183,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def build_model(config: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
     """The model a run's config describes (weights freshly initialised), e.g. for training or to load into."""
     return model_module.build_model(
-        config["model"], config["num_classes"], backbone=config.get("backbone"), **kwargs
+        config["model"], config["num_classes"], backbone=config.get("backbone"), **labels.model_kwargs(), **kwargs
     )
 
 

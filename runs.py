@@ -18,13 +18,14 @@ import datetime
 import json
 import sys
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-import dataset
+import labels
 import rundir
 import utils
 from utils import UserError
@@ -218,23 +219,27 @@ def save_csv(table: pd.DataFrame, path: Path, header: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Label suspects.
-def mask_fields(class_names: list[str]) -> dict[str, list[str]]:
-    """{'gender': its value names, 'age': the age band names} of the 18 mask-competition class names (read from
-    them, so any --age_bounds works); a `UserError` for any other classes."""
-    ages: dict[int, str] = {}
-    ok = len(class_names) == 18
-    for label, name in enumerate(class_names if ok else []):
-        mask, gender, age = dataset.decode(label)
-        parts = name.split("/")
-        ok = ok and len(parts) == 3 and parts[:2] == [dataset.MASK_NAMES[mask], dataset.GENDER_NAMES[gender]]
-        ok = ok and ages.setdefault(age, parts[-1]) == parts[-1]
-    if not ok:
+def run_age_bounds(run_dir: Path) -> tuple[int, int]:
+    """The --age_bounds of the run that wrote RUN_DIR's predictions: from its config.json, or its first fold's for a
+    k-fold run; the default bounds when there is none (a predictions file on its own)."""
+    for folder in [run_dir, *rundir.fold_dirs(run_dir)]:
+        if (folder / rundir.CONFIG).is_file():
+            bounds = rundir.read_config(folder).get("age_bounds", labels.DEFAULT_AGE_BOUNDS)
+            return int(bounds[0]), int(bounds[1])
+    return labels.DEFAULT_AGE_BOUNDS
+
+
+def mask_fields(class_names: list[str], age_bounds: Sequence[int]) -> dict[str, list[str]]:
+    """{'gender': its value names, 'age': the age band names} of mask-competition predictions, whose class names are
+    the 18 of labels.mask_class_names(age_bounds); a `UserError` for any other classes."""
+    if list(class_names) != labels.mask_class_names(age_bounds):
+        example = labels.mask_class_names(age_bounds)[0]
         raise UserError(
-            f"--suspects needs mask-competition predictions (18 classes named mask/gender/age, e.g. wear/male/<30); "
-            f"these have {len(class_names)} class(es) ({utils.listing(class_names)}): gender and age suspects apply "
-            "to that data only"
+            f"--suspects needs mask-competition predictions (18 classes named mask/gender/age, e.g. {example}, with "
+            f"the run's --age_bounds {age_bounds[0]} {age_bounds[1]}); these have {len(class_names)} class(es) "
+            f"({utils.listing(class_names)}): gender and age suspects apply to that data only"
         )
-    return {"gender": list(dataset.GENDER_NAMES), "age": [ages[a] for a in range(3)]}
+    return {"gender": list(labels.GENDER_NAMES), "age": list(labels.age_names(age_bounds))}
 
 
 def read_predictions(run_dir: Path) -> tuple[pd.DataFrame, Path, list[str]]:
@@ -264,7 +269,9 @@ def read_predictions(run_dir: Path) -> tuple[pd.DataFrame, Path, list[str]]:
     return table, path, class_names
 
 
-def label_suspects(table: pd.DataFrame, class_names: list[str], min_share: float) -> pd.DataFrame:
+def label_suspects(
+    table: pd.DataFrame, class_names: list[str], min_share: float, age_bounds: Sequence[int] = labels.DEFAULT_AGE_BOUNDS
+) -> pd.DataFrame:
     """Per person, field (gender, age) and labelled value: photos, share of them whose predicted value differs
     from the label, mean probability of the labelled value, the value predicted instead most often, and the
     photo that contradicts the label most. Returns the candidates (share >= min_share), ranked by the mean
@@ -273,11 +280,12 @@ def label_suspects(table: pd.DataFrame, class_names: list[str], min_share: float
 
     A field's probability is the sum of the 18 class probabilities over the other fields (P(female) = sum over
     mask and age band), and a photo's predicted value the most probable one. `predicted` is the value the
-    disagreeing photos name most often (for a candidate, the majority of all photos when min_share > 0.5)."""
-    fields = mask_fields(class_names)
+    disagreeing photos name most often (for a candidate, the majority of all photos when min_share > 0.5).
+    `age_bounds` are the run's --age_bounds (`run_age_bounds`), which name the classes and the age bands."""
+    fields = mask_fields(class_names, age_bounds)
     probs = table[[f"prob_{c}" for c in class_names]].to_numpy(dtype=np.float64)
     truth = table["truth"].to_numpy(dtype=np.int64)
-    _, gender_of, age_of = dataset.decode(np.arange(18))
+    _, gender_of, age_of = labels.decode(np.arange(len(class_names)))
     rows = []
     for field, value_of in (("gender", gender_of), ("age", age_of)):
         names = fields[field]
@@ -335,7 +343,7 @@ def fixes_template(suspects: pd.DataFrame) -> pd.DataFrame:
 def report_suspects(run_dir: Path, min_share: float) -> pd.DataFrame:
     """Write RUN_DIR/label_suspects.csv and RUN_DIR/label_fixes_template.csv; print the top 10."""
     table, path, class_names = read_predictions(run_dir)
-    suspects = label_suspects(table, class_names, min_share)
+    suspects = label_suspects(table, class_names, min_share, run_age_bounds(run_dir))
     out, template = run_dir / "label_suspects.csv", run_dir / "label_fixes_template.csv"
     save_csv(suspects, out)
     save_csv(

@@ -33,6 +33,7 @@ import model as model_module
 import report
 import rundir
 import schedule
+import splits
 import utils
 from utils import UserError
 
@@ -72,7 +73,7 @@ def add_data_flags(data: argparse._ArgumentGroup) -> None:
     )
     data.add_argument(
         "--split",
-        choices=dataset_module.SPLITS,
+        choices=splits.SPLITS,
         default="auto",
         help="how validation images are chosen: by class share, by group (a person, a source photo), or both; auto: "
         "both when the data has groups",
@@ -360,7 +361,7 @@ def check_args(args: Namespace) -> None:
         if not args.fold.isdigit():
             raise UserError(f"--fold {args.fold} must be a fold number (0..{args.n_splits - 1}) or all")
     fold = None if args.fold in (None, "all") else int(args.fold)
-    dataset_module.check_split_args(args.split, fold, args.n_splits)
+    splits.check_split_args(args.split, fold, args.n_splits)
     if not args.age_bounds[0] < args.age_bounds[1]:
         raise UserError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: the first must be below the second")
     for flag, classes in (
@@ -394,7 +395,7 @@ def prepare_images(
     """Decode every image once before training, into the cache when there is one: stop with all unreadable
     images listed, or drop them (--skip_bad_images). Returns ({path: reason} of dropped images, cache)."""
     paths = [str(p) for p in data.image_paths]
-    decode = functools.partial(dataset_module.decode_fixed, size=tuple(size))
+    decode = functools.partial(imaging.decode_fixed, size=tuple(size))
     workers = args.num_workers + 1  # the loader workers do not exist yet: use their cores
     kind = cache_module.choose_kind(args.cache, len(paths), size)
     if kind == "none":

@@ -45,6 +45,7 @@ import cache as cache_module
 import dataset as dataset_module
 import demo
 import engine
+import imaging
 import utils
 
 RESIZE = (128, 96)  # (H, W) network input, train.py's default --resize
@@ -133,14 +134,14 @@ def breakdown(
     paths = paths[:140]
     n = len(paths)
     full = [Image.open(p).convert("RGB") for p in paths]
-    arrays = [dataset_module.decode_fixed(p, load_size) for p in paths]
+    arrays = [imaging.decode_fixed(p, load_size) for p in paths]
     small = [Image.fromarray(a) for a in arrays]
     resize = seed_transform.transforms[0]
     w, h = full[0].size
     stages = {  # key: (description, one image's work)
         "full": ("full decode: open + convert('RGB')", lambda i: Image.open(paths[i]).convert("RGB")),
         "resize": (f"seed Resize, {w}x{h} -> {RESIZE[1]}x{RESIZE[0]}", lambda i: resize(full[i])),
-        "draft": ("draft decode: decode_fixed", lambda i: dataset_module.decode_fixed(paths[i], load_size)),
+        "draft": ("draft decode: decode_fixed", lambda i: imaging.decode_fixed(paths[i], load_size)),
         "read": ("cache row -> Image.fromarray", lambda i: Image.fromarray(arrays[i])),
         "float": (
             "seed ToTensor + Normalize of the decoded image",
@@ -260,7 +261,7 @@ def main(args: argparse.Namespace) -> None:
         uncached = dataset_module.ImageSubset(data, everything, loader_part, aug.load_size, cache=None)
         results["b'"] = images_per_second(make_loader(uncached, args), args.repeat, device_part)
 
-        decode = functools.partial(dataset_module.decode_fixed, size=aug.load_size)
+        decode = functools.partial(imaging.decode_fixed, size=aug.load_size)
         paths = [str(p) for p in image_paths]
         builds = []
         for _ in range(args.repeat):

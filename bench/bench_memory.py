@@ -100,6 +100,7 @@ def measure(args: argparse.Namespace) -> None:
     import cache as cache_module
     import dataset as dataset_module
     import engine
+    import imaging
     import train
     import utils
 
@@ -108,7 +109,7 @@ def measure(args: argparse.Namespace) -> None:
     preset = utils.find_class(augmentation, args.augmentation, "--augmentation")
     aug = preset(RESIZE, dataset_module.SEED_MEAN, dataset_module.SEED_STD)
     data = dataset_module.MaskSplitByProfileDataset(args.data_dir)
-    decode = functools.partial(dataset_module.decode_fixed, size=aug.load_size)
+    decode = functools.partial(imaging.decode_fixed, size=aug.load_size)
     ram = cache_module.RamCache([str(p) for p in data.image_paths], aug.load_size, decode, workers=workers + 1)
     flags = ["--num_workers", str(workers), "--batch_size", str(args.batch_size), "--resize", *map(str, RESIZE)]
     train_args = train.get_parser().parse_args(flags)

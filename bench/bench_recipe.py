@@ -24,7 +24,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import dataset  # noqa: E402
+import labels  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def score(truth: pd.DataFrame, submission: pd.DataFrame) -> dict[str, float]:
     scored = truth.set_index("ImageID")["ans"].reindex(submission["ImageID"]).to_numpy()
     preds = submission["ans"].to_numpy()
     out = {"f1": utils.macro_f1(scored, preds, 18), "acc": float((scored == preds).mean())}
-    for task, t, p in zip(("mask", "gender", "age"), dataset.decode(scored), dataset.decode(preds), strict=True):
+    for task, t, p in zip(labels.TASKS, labels.decode(scored), labels.decode(preds), strict=True):
         out[task] = float((t == p).mean())
     return out
 

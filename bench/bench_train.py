@@ -37,6 +37,8 @@ import cache as cache_module
 import dataset as dataset_module
 import demo
 import engine
+import imaging
+import labels
 import model as model_module
 import train
 import utils
@@ -78,7 +80,7 @@ def images_per_second(
     runs = {}
     for feed in feeds:
         torch.manual_seed(seed)
-        model = model_module.build_model(name, 18).train()
+        model = model_module.build_model(name, 18, **labels.model_kwargs()).train()
         runs[feed] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     for feed, batches in feeds.items():
         for images, targets in itertools.islice(batches, warmup):
@@ -143,7 +145,7 @@ def main(args: argparse.Namespace) -> None:
         demo.make_demo_data(Path(tmp) / "data", n_train=-(-args.n // 7), n_eval=0, seed=0)
         data = dataset_module.MaskSplitByProfileDataset(Path(tmp) / "data/train/images")
         print(f"wrote {len(data)} JPEGs in {time.perf_counter() - start:.1f}s")
-        decode = functools.partial(dataset_module.decode_fixed, size=aug.load_size)
+        decode = functools.partial(imaging.decode_fixed, size=aug.load_size)
         paths = [str(p) for p in data.image_paths]
         ram = cache_module.RamCache(paths, aug.load_size, decode, workers=train_args.num_workers + 1)
         print(ram.report)

@@ -9,6 +9,7 @@ from PIL import Image
 
 import augmentation
 import dataset
+import imaging
 
 H, W = 40, 24
 
@@ -70,8 +71,8 @@ def test_draft_decoding_matches_full_decoding_after_resize(tmp_path):
     yy, xx = np.mgrid[0:512, 0:384]
     smooth = np.stack([yy / 2, xx / 1.5, 128 + 100 * np.sin(yy / 40) * np.cos(xx / 30)], -1).astype(np.uint8)
     Image.fromarray(smooth).save(tmp_path / "a.jpg", quality=95)
-    full = dataset.load_image(tmp_path / "a.jpg")
-    fast = dataset.load_image(tmp_path / "a.jpg", min_size=(128, 96))
+    full = imaging.load_image(tmp_path / "a.jpg")
+    fast = imaging.load_image(tmp_path / "a.jpg", min_size=(128, 96))
     assert full.size == (384, 512) and fast.size == (96, 128)
     a = np.asarray(full.resize((96, 128), Image.BILINEAR), dtype=np.float32)
     b = np.asarray(fast.resize((96, 128), Image.BILINEAR), dtype=np.float32)
@@ -83,14 +84,14 @@ def test_exif_rotation_is_applied(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     img.save(tmp_path / "r.jpg", exif=exif)
-    assert dataset.load_image(tmp_path / "r.jpg").size == (20, 40)
-    assert dataset.load_image(tmp_path / "r.jpg", min_size=(10, 5)).size[1] >= 10
+    assert imaging.load_image(tmp_path / "r.jpg").size == (20, 40)
+    assert imaging.load_image(tmp_path / "r.jpg", min_size=(10, 5)).size[1] >= 10
 
 
 def test_mean_std_computed_over_pooled_pixels(tmp_path):
     Image.new("RGB", (10, 10), (0, 0, 0)).save(tmp_path / "black.png")
     Image.new("RGB", (10, 10), (255, 255, 255)).save(tmp_path / "white.png")
-    mean, std = dataset.compute_mean_std([tmp_path / "black.png", tmp_path / "white.png"], None)
+    mean, std = imaging.compute_mean_std([tmp_path / "black.png", tmp_path / "white.png"], None)
     assert mean == pytest.approx((0.5, 0.5, 0.5))
     assert std == pytest.approx((0.5, 0.5, 0.5))  # per-image stds are 0: averaging them would give 0
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 import cache
 import dataset
+import imaging
 import inference
 import train
 import utils
@@ -110,20 +111,20 @@ def test_odd_modes_decode_to_rgb_with_orientation_and_white_transparency(tmp_pat
     exif[0x0112] = 6  # displayed rotated by 90 degrees
     base.save(tmp_path / "rotated.jpg", exif=exif)
     for name in ("gray.jpg", "cmyk.jpg", "palette.png", "clear.png", "rotated.jpg"):
-        image = dataset.load_image(tmp_path / name, min_size=(32, 24))
+        image = imaging.load_image(tmp_path / name, min_size=(32, 24))
         assert image.mode == "RGB", name
-    assert dataset.load_image(tmp_path / "gray.jpg").size == (48, 64)
-    assert dataset.load_image(tmp_path / "rotated.jpg").size == (64, 48)
-    assert np.asarray(dataset.load_image(tmp_path / "clear.png")).min() == 255  # fully transparent -> white
+    assert imaging.load_image(tmp_path / "gray.jpg").size == (48, 64)
+    assert imaging.load_image(tmp_path / "rotated.jpg").size == (64, 48)
+    assert np.asarray(imaging.load_image(tmp_path / "clear.png")).min() == 255  # fully transparent -> white
 
 
 def test_huge_images_are_decoded_small_and_bombs_are_reported(tmp_path, monkeypatch):
     Image.new("RGB", (6000, 8000), (90, 120, 150)).save(tmp_path / "huge.jpg", quality=80)
-    small = dataset.load_image(tmp_path / "huge.jpg", min_size=(128, 96))
+    small = imaging.load_image(tmp_path / "huge.jpg", min_size=(128, 96))
     assert small.size == (750, 1000)  # decoded at 1/8 scale, never at 48 megapixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a decompression bomb
     Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
-    decode = functools.partial(dataset.decode_fixed, size=(128, 96))
+    decode = functools.partial(imaging.decode_fixed, size=(128, 96))
     found = cache.find_unreadable([tmp_path / "bomb.png", tmp_path / "huge.jpg"], decode)
     assert str(tmp_path / "bomb.png") in found
     assert "decompression bomb" in found[str(tmp_path / "bomb.png")]

@@ -13,6 +13,7 @@ from PIL import Image
 import augmentation
 import cache
 import dataset
+import imaging
 import train
 
 SIZE = (64, 48)
@@ -24,7 +25,7 @@ def data(demo_root):
 
 
 def decode_at(size=SIZE):
-    return functools.partial(dataset.decode_fixed, size=size)
+    return functools.partial(imaging.decode_fixed, size=size)
 
 
 @pytest.mark.parametrize("kind", ["ram", "disk"])
@@ -82,13 +83,13 @@ def test_two_workers_draw_different_augmentations_from_the_same_cached_image(dat
 
 def test_the_cache_is_built_once_per_run(demo_root, tmp_path, monkeypatch):
     calls = []
-    real = dataset.decode_fixed
+    real = imaging.decode_fixed
 
     def counting(path, size):
         calls.append(path)
         return real(path, size)
 
-    monkeypatch.setattr(dataset, "decode_fixed", counting)
+    monkeypatch.setattr(imaging, "decode_fixed", counting)
     args = train.get_parser().parse_args(
         [
             "--data_dir",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 import dataset
 import imaging
+import labels
 import splits
 import utils
 from utils import UserError
@@ -52,7 +54,7 @@ def make_mask_folder(root: Path, n_persons: int = 24) -> Path:
     persons are the only men aged 60 or more."""
     for p in range(n_persons):
         gender, age = ("male", 60 + p) if p < 4 else ("female" if p % 3 else "male", 20 + p * 7 % 40)
-        for stem in dataset.MASK_FILES:
+        for stem in labels.MASK_FILES:
             save_image(root / f"{p:06d}_{gender}_Asian_{age}" / f"{stem}.jpg", p)
     return root
 
@@ -185,10 +187,38 @@ def test_remove_drops_an_image_from_every_list_and_subsets_read_any_dataset(tmp_
     assert pixels.shape == (12, 16, 3) and target == data.labels[5]
 
 
-def test_decoding_is_still_importable_from_dataset():
-    assert dataset.load_image is imaging.load_image
-    assert dataset.decode_fixed is imaging.decode_fixed
-    assert dataset.compute_mean_std is imaging.compute_mean_std
+def test_dataset_re_exports_nothing_of_labels_splits_or_imaging():
+    # One home per name: callers import the label rules, the splits and the decoding from the modules that own them.
+    owned = {
+        name: module.__name__
+        for module in (labels, splits, imaging)
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and not inspect.ismodule(value)
+        and getattr(value, "__module__", module.__name__) == module.__name__  # defined there, or a constant
+    }
+    assert {"decode", "encode", "MASK_FILES", "SPLITS", "check_split_args", "compute_mean_std"} <= set(owned)
+    assert {name: home for name, home in owned.items() if hasattr(dataset, name)} == {}
+
+
+def test_inference_and_the_folder_dataset_accept_the_same_files(tmp_path):
+    root = tmp_path / "photos"
+    kept = ["a.JPG", "b.png", "c.jpeg", "sub/d.Png"]
+    for name in ("cat", "dog"):
+        for file in kept:
+            save_image(root / name / file)
+        (root / name / "notes.txt").write_text("not an image")
+        for hidden in (".hidden.jpg", "._x.jpg", ".cache/e.jpg"):  # hidden files, macOS forks, hidden folders
+            (root / name / hidden).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / hidden).write_bytes(b"")
+    save_image(root / ".trash" / "f.jpg")  # a hidden folder is no class either
+    folders = dataset.ImageFolderDataset(root)
+    found = dataset.find_eval_images(root, None, {})
+    expected = sorted(f"{name}/{file}" for name in ("cat", "dog") for file in kept)
+    assert sorted(p.relative_to(root).as_posix() for p in folders.image_paths) == expected
+    assert found.image_ids == expected and sorted(found.image_paths) == sorted(folders.image_paths)
+    assert not dataset.is_image(root / "cat/notes.txt") and dataset.is_image(Path("x/y.TIFF"), Path("x"))
+    assert not dataset.is_image(root / "cat/.cache/e.jpg", root) and dataset.is_image(root / "cat/.cache/e.jpg")
 
 
 # --- CSVDataset ------------------------------------------------------------------------------------------
@@ -278,7 +308,7 @@ def test_kfold_is_balanced_and_deterministic_per_seed(name, tmp_path):
     assert np.abs(np.bincount(folds) - len(data) / 4).max() <= group_sizes.max()  # within one group of even
     # Stratified: the four persons of the rarest stratum, or the four scenes holding the rare class, one per fold.
     if hasattr(data, "persons"):
-        rare = np.asarray(data.gender_labels) * 3 + [dataset.age_band(a) for a in data.ages] == 2
+        rare = np.asarray(data.gender_labels) * 3 + [labels.age_band(a) for a in data.ages] == 2
     else:
         rare = data.labels == data.class_names.index("rare")
     assert np.bincount(folds[rare], minlength=4).tolist() == [rare.sum() // 4] * 4

@@ -14,6 +14,7 @@ import torch
 import augmentation
 import dataset
 import engine
+import labels
 import model as model_module
 import utils
 from conftest import tiny_run_args
@@ -60,7 +61,7 @@ def test_gathered_validation_covers_every_image_once_and_equals_a_single_process
 
     # The checkpoint, evaluated here in one process, gives the macro F1 the two processes logged for it.
     checkpoint = utils.load_checkpoint(run / "best.pth")
-    net = model_module.build_model(config["model"], config["num_classes"])
+    net = model_module.build_model(config["model"], config["num_classes"], **labels.model_kwargs())
     net.load_state_dict(checkpoint["model"])
     aug_cls = augmentation.augmentation_classes()[config["augmentation"]]
     aug = aug_cls(config["resize"], config["mean"], config["std"])

@@ -14,6 +14,7 @@ import augmentation
 import dataset
 import demo
 import engine
+import labels
 import model
 import utils
 from conftest import run_script
@@ -43,7 +44,7 @@ def test_config_records_what_inference_needs(trained):
     _, run, _ = trained
     config = json.loads((run / "config.json").read_text())
     assert config["resize"] == [64, 48] and config["num_classes"] == 18
-    assert config["class_names"] == dataset.mask_class_names()
+    assert config["class_names"] == labels.mask_class_names()
     assert len(config["mean"]) == 3 and len(config["std"]) == 3
     assert config["model"] == "MultiHeadModel" and config["augmentation"] == "FaceAugmentation"  # mask-data defaults
     assert "torch" in config["versions"]
@@ -67,7 +68,7 @@ def test_logged_validation_f1_is_over_every_validation_image(trained, demo_root)
     _, run, _ = trained
     config = json.loads((run / "config.json").read_text())
     best = utils.load_checkpoint(run / "best.pth")
-    net = model.build_model(config["model"], 18)
+    net = model.build_model(config["model"], 18, **labels.model_kwargs())
     net.load_state_dict(best["model"])
     data = dataset.MaskSplitByProfileDataset(config["data_dir"], config["val_ratio"], config["seed"])
     aug = getattr(augmentation, config["augmentation"])(config["resize"], config["mean"], config["std"])

@@ -16,6 +16,7 @@ import augmentation
 import dataset
 import engine
 import inference
+import labels
 import model
 import rundir
 from conftest import run_script, tiny_run_args
@@ -68,7 +69,7 @@ def probs(out: Path) -> pd.DataFrame:
     submission = pd.read_csv(out / "output.csv", dtype={"ImageID": str})
     assert list(submission.columns) == ["ImageID", "ans"]
     assert submission["ImageID"].tolist() == table.index.tolist()
-    assert list(table.columns) == dataset.mask_class_names()
+    assert list(table.columns) == labels.mask_class_names()
     np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-5)
     assert (submission["ans"].to_numpy() == table.to_numpy().argmax(1)).all(), "ans is the most probable class"
     return table
@@ -207,7 +208,7 @@ def probs_by_name(out: Path) -> pd.DataFrame:
     table = pd.read_csv(out / "probs.csv").set_index("ImageID")
     submission = pd.read_csv(out / "output.csv").set_index("ImageID")
     assert submission.index.tolist() == table.index.tolist()
-    names = np.asarray(dataset.mask_class_names())
+    names = np.asarray(labels.mask_class_names())
     assert (submission["ans"].to_numpy() == names[table.to_numpy().argmax(1)]).all()
     return table.join(submission)
 

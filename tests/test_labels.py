@@ -7,41 +7,54 @@ import pytest
 from PIL import Image
 
 import dataset
+import labels
 from utils import UserError
 
 
 def test_encode_decode_round_trip_covers_all_18_classes():
-    labels = [dataset.encode(m, g, a) for m in range(3) for g in range(2) for a in range(3)]
-    assert sorted(labels) == list(range(18))
+    classes = [labels.encode(m, g, a) for m in range(3) for g in range(2) for a in range(3)]
+    assert sorted(classes) == list(range(18))
     for label in range(18):
-        assert dataset.encode(*dataset.decode(label)) == label
+        assert labels.encode(*labels.decode(label)) == label
     arr = np.arange(18)
-    assert np.array_equal(dataset.encode(*dataset.decode(arr)), arr)
+    assert np.array_equal(labels.encode(*labels.decode(arr)), arr)
+
+
+def test_tasks_are_the_fields_of_the_encoding_in_order():
+    # A multi-head model's class is the row-major index into the grid of its task sizes (model.combine_tasks).
+    assert list(labels.TASKS) == ["mask", "gender", "age"]
+    sizes = tuple(labels.TASKS.values())
+    assert sizes == (len(labels.MASK_NAMES), len(labels.GENDER_NAMES), len(labels.age_names()))
+    every = np.arange(18)
+    assert np.array_equal(np.ravel_multi_index(labels.decode(every), sizes), every)
+    assert labels.model_kwargs() == {"tasks": labels.TASKS}
+    labels.model_kwargs()["tasks"]["mask"] = 5  # a caller's copy: the rule itself cannot be changed through it
+    assert labels.TASKS["mask"] == 3
 
 
 def test_class_names_follow_the_encoding():
-    names = dataset.mask_class_names()
+    names = labels.mask_class_names()
     assert names[0] == "wear/male/<30"
-    assert names[dataset.encode(1, 1, 2)] == "incorrect/female/>=60"
+    assert names[labels.encode(1, 1, 2)] == "incorrect/female/>=60"
     assert names[17] == "not wear/female/>=60"
 
 
 @pytest.mark.parametrize(("age", "band"), [(18, 0), (29, 0), (30, 1), (59, 1), (60, 2), (75, 2)])
 def test_age_bands(age, band):
-    assert dataset.age_band(age) == band
+    assert labels.age_band(age) == band
 
 
 def test_age_bounds_are_configurable():
-    assert dataset.age_band(58, (30, 58)) == 2
-    assert dataset.age_band(57, (30, 58)) == 1
+    assert labels.age_band(58, (30, 58)) == 2
+    assert labels.age_band(57, (30, 58)) == 1
 
 
 def test_parse_profile():
-    assert dataset.parse_profile("000004_female_Asian_54") == ("000004", 1, "Asian", 54)
-    assert dataset.parse_profile("006959_MALE_Asian_19")[1] == 0
+    assert labels.parse_profile("000004_female_Asian_54") == ("000004", 1, "Asian", 54)
+    assert labels.parse_profile("006959_MALE_Asian_19")[1] == 0
     for bad in ("000004_female_Asian", "000004_woman_Asian_54", "000004_female_Asian_old"):
         with pytest.raises(ValueError):
-            dataset.parse_profile(bad)
+            labels.parse_profile(bad)
 
 
 def _write(path, size=(8, 8)):
@@ -60,9 +73,9 @@ def test_indexing_reads_labels_any_extension_case_and_skips_hidden(tmp_path):
     data = dataset.MaskSplitByProfileDataset(tmp_path)
     assert len(data) == 7
     by_stem = {p.stem.lower(): int(lbl) for p, lbl in zip(data.image_paths, data.labels, strict=True)}
-    assert by_stem["mask4"] == dataset.encode(0, 1, 2)
-    assert by_stem["incorrect_mask"] == dataset.encode(1, 1, 2)
-    assert by_stem["normal"] == dataset.encode(2, 1, 2)
+    assert by_stem["mask4"] == labels.encode(0, 1, 2)
+    assert by_stem["incorrect_mask"] == labels.encode(1, 1, 2)
+    assert by_stem["normal"] == labels.encode(2, 1, 2)
 
 
 def test_instances_do_not_share_lists(tmp_path, demo_root):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import labels
 import model
 from utils import UserError
 
@@ -15,7 +16,7 @@ TIMM_MODEL = "resnet10t"  # a small timm architecture; built from scratch, nothi
 @pytest.mark.parametrize("name", [*model.model_classes(), TIMM_MODEL])
 def test_model_outputs_and_gradients(name):
     torch.manual_seed(0)
-    net = model.build_model(name, num_classes=18)
+    net = model.build_model(name, num_classes=18, **labels.model_kwargs())  # as train.py builds every model
     x = torch.randn(2, 3, 64, 48)  # portrait, H != W
     out = net(x)
     # Raw outputs may be laid out per task (a multi-head model's are 8 wide); class scores are always 18 wide.

@@ -1,4 +1,4 @@
-"""The mask/gender/age multi-head model and its loss agree with the 18-class encoding of dataset.py."""
+"""The mask/gender/age multi-head model and its loss agree with the 18-class encoding of labels.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dataset
+import labels
 import loss
 import model
+import rundir
 from utils import UserError
 
 TIMM_BACKBONE = "mobilenetv3_small_050"  # small and fast; its pooled width (head_hidden_size) != num_features
@@ -31,31 +32,40 @@ def outputs_for(combinations: list[tuple[int, int, int]], seed: int = 0) -> torc
     return out
 
 
-def test_task_layout_matches_dataset_encoding():
-    assert model.TASK_SIZES == (3, 2, 3) and math.prod(model.TASK_SIZES) == 18
-    labels = torch.arange(18)
-    assert [t.tolist() for t in loss.task_targets(labels, model.TASK_SIZES)] == [
-        list(part) for part in dataset.decode(np.arange(18))
+TASKS = labels.model_kwargs()["tasks"]  # as train.py and inference.py build multi-head models
+SIZES = tuple(TASKS.values())
+
+
+def multihead(**kwargs) -> model.MultiHeadModel:
+    return model.MultiHeadModel(18, **labels.model_kwargs(), **kwargs)
+
+
+def test_task_layout_matches_the_label_encoding():
+    assert SIZES == (3, 2, 3) and math.prod(SIZES) == 18
+    net = multihead()
+    assert model.task_sizes(net) == SIZES and list(net.heads) == ["mask", "gender", "age"]
+    assert [t.tolist() for t in loss.task_targets(torch.arange(18), SIZES)] == [
+        list(part) for part in labels.decode(np.arange(18))
     ]
 
 
 def test_class_logits_decode_every_combination_to_its_class():
     out = outputs_for(COMBINATIONS)
-    net = model.MultiHeadModel()
+    net = multihead()
     logits = model.to_class_logits(out, net)
     assert logits.shape == (18, 18)
-    expected = [dataset.encode(m, g, a) for m, g, a in COMBINATIONS]
-    assert logits.argmax(1).tolist() == expected == list(range(18))
+    expected = [labels.encode(m, g, a) for m, g, a in COMBINATIONS]
+    assert logits.argmax(1).tolist() == expected and sorted(expected) == list(range(18))
     # The argmax of the joint scores is the combination of the per-task argmaxes, for any outputs.
-    mask, gender, age = model.split_tasks(torch.randn(64, 8))
+    mask, gender, age = model.split_tasks(torch.randn(64, 8), net.tasks)
     joint = net.class_logits(torch.cat([mask, gender, age], 1)).argmax(1)
-    assert torch.equal(joint, dataset.encode(mask.argmax(1), gender.argmax(1), age.argmax(1)))
+    assert torch.equal(joint, labels.encode(mask.argmax(1), gender.argmax(1), age.argmax(1)))
 
 
 def test_class_probabilities_are_the_product_of_task_probabilities():
     out = torch.randn(5, 8)
-    prob = F.softmax(model.MultiHeadModel().class_logits(out), dim=1)
-    p_mask, p_gender, p_age = (F.softmax(part, dim=1) for part in model.split_tasks(out))
+    prob = F.softmax(multihead().class_logits(out), dim=1)
+    p_mask, p_gender, p_age = (F.softmax(part, dim=1) for part in model.split_tasks(out, SIZES))
     for m, g, a in COMBINATIONS:
         assert torch.allclose(prob[:, m * 6 + g * 3 + a], p_mask[:, m] * p_gender[:, g] * p_age[:, a], atol=1e-6)
     assert torch.allclose(prob.sum(1), torch.ones(5))
@@ -64,7 +74,7 @@ def test_class_probabilities_are_the_product_of_task_probabilities():
 @pytest.mark.parametrize("backbone", ["BaseModel", TIMM_BACKBONE])
 def test_multihead_forward_backward(backbone):
     torch.manual_seed(0)
-    net = model.build_model("MultiHeadModel", 18, backbone=backbone)
+    net = model.build_model("MultiHeadModel", 18, backbone=backbone, **labels.model_kwargs())
     assert model.task_sizes(net) == (3, 2, 3) and model.task_sizes(model.BaseModel(18)) is None
     out = net(torch.randn(2, 3, 64, 48))
     assert out.shape == (2, 8)
@@ -76,9 +86,9 @@ def test_multihead_forward_backward(backbone):
 
 def test_multihead_errors_are_clear():
     with pytest.raises(UserError, match="only for the 18 mask classes; this data set has 5 classes"):
-        model.build_model("MultiHeadModel", 5)
+        model.build_model("MultiHeadModel", 5, **labels.model_kwargs())
     with pytest.raises(UserError, match=r"--backbone 'resnet1' is unknown\. Did you mean"):
-        model.build_model("MultiHeadModel", 18, backbone="resnet1")
+        model.build_model("MultiHeadModel", 18, backbone="resnet1", **labels.model_kwargs())
     with pytest.raises(UserError, match=r"--backbone 'BaseModle' is unknown\. Did you mean 'BaseModel'"):
         model.check_backbone_name("BaseModle")
     model.check_backbone_name("BaseModel")
@@ -88,7 +98,7 @@ def test_multihead_errors_are_clear():
     with pytest.raises(UserError, match="--backbone is for multi-head models"):
         model.build_model("BaseModel", 18, backbone="resnet10t")
     with pytest.raises(UserError, match="--backbone BaseModel has no published weights"):
-        model.build_model("MultiHeadModel", 18, pretrained=True)
+        model.build_model("MultiHeadModel", 18, pretrained=True, **labels.model_kwargs())
 
 
 def test_pretrained_path_loads_the_backbone_and_leaves_new_heads(tmp_path):
@@ -97,21 +107,39 @@ def test_pretrained_path_loads_the_backbone_and_leaves_new_heads(tmp_path):
 
     source = timm.create_model("resnet10t", num_classes=1000)  # stands in for timm's ImageNet weights
     torch.save(source.state_dict(), tmp_path / "timm.pth")
-    net = model.build_model("MultiHeadModel", 18, backbone="resnet10t", pretrained_path=tmp_path / "timm.pth")
+    net = model.build_model(
+        "MultiHeadModel", 18, backbone="resnet10t", pretrained_path=tmp_path / "timm.pth", **labels.model_kwargs()
+    )
     assert torch.equal(net.backbone.conv1[0].weight, source.conv1[0].weight)
     assert net(torch.randn(1, 3, 64, 48)).shape == (1, 8)
 
     single = model.BaseModel(num_classes=18)  # one of our single-head checkpoints
     torch.save({"model": single.state_dict()}, tmp_path / "base.pth")
-    fresh = model.load_pretrained(model.MultiHeadModel(), tmp_path / "base.pth")
-    assert sorted(fresh) == sorted(f"heads.{t}.{p}" for t in model.TASK_NAMES for p in ("weight", "bias"))
+    fresh = model.load_pretrained(multihead(), tmp_path / "base.pth")
+    assert sorted(fresh) == sorted(f"heads.{t}.{p}" for t in ("mask", "gender", "age") for p in ("weight", "bias"))
 
-    trained = model.MultiHeadModel()  # resuming from a multi-head checkpoint restores everything
+    trained = multihead()  # resuming from a multi-head checkpoint restores everything
     torch.save({"model": {f"module.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "multi.pth")
-    net = model.build_model("MultiHeadModel", 18, pretrained_path=tmp_path / "multi.pth")
+    net = model.build_model("MultiHeadModel", 18, pretrained_path=tmp_path / "multi.pth", **labels.model_kwargs())
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in net.state_dict().items())
     single = model.build_model("BaseModel", 3, pretrained_path=tmp_path / "multi.pth")  # its backbone only
     assert torch.equal(single.features[0][0].weight, trained.backbone.features[0][0].weight)
+
+
+def test_checkpoints_with_the_heads_mask_gender_age_load_in_inference(tmp_path):
+    # The state dict layout every multi-head checkpoint so far has: the head names are part of the file format.
+    torch.manual_seed(0)
+    width = multihead().heads["mask"].in_features
+    state = {k: v for k, v in model.BaseModel(1).state_dict().items() if not k.startswith("classifier")}
+    state = {f"backbone.{k}": v for k, v in state.items()}
+    for name, size in (("mask", 3), ("gender", 2), ("age", 3)):
+        state[f"heads.{name}.weight"], state[f"heads.{name}.bias"] = torch.randn(size, width), torch.randn(size)
+    config = {"model": "MultiHeadModel", "num_classes": 18, "backbone": "BaseModel", "augmentation": "BaseAugmentation"}
+    torch.save({"model": state, "config": config}, tmp_path / "best.pth")
+    net, _ = rundir.load_model(tmp_path / "best.pth")  # strict: every key present, none left over
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    x = torch.randn(2, 3, 64, 48)
+    assert torch.equal(net(x)[:, 3:5], net.heads["gender"](net.backbone(x)))
 
 
 def test_task_targets_of_soft_targets_are_the_marginals():
@@ -137,7 +165,7 @@ def test_multitask_loss_is_the_weighted_sum_of_task_losses():
     out, target = torch.randn(32, 8), torch.randint(0, 18, (32,))
     weights = (1.0, 0.5, 2.0)
     criterion = loss.create_criterion("focal", tasks=(3, 2, 3), task_weights=weights, gamma=2.0, num_classes=18)
-    m, g, a = dataset.decode(target)
+    m, g, a = labels.decode(target)
 
     def focal(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         p = F.softmax(logits, 1).gather(1, t[:, None])[:, 0]
@@ -154,7 +182,7 @@ def test_multitask_cross_entropy_is_the_joint_cross_entropy():
     torch.manual_seed(0)
     out, target = torch.randn(32, 8), torch.randint(0, 18, (32,))
     criterion = loss.create_criterion("cross_entropy", tasks=(3, 2, 3))
-    joint = model.combine_tasks(out)
+    joint = model.combine_tasks(out, SIZES)
     assert torch.allclose(criterion(out, target), F.cross_entropy(joint, target), atol=1e-5)
     soft = 0.7 * F.one_hot(target, 18).float() + 0.3 * F.one_hot(target.roll(1), 18).float()
     assert torch.allclose(criterion(out, soft), F.cross_entropy(joint, soft), atol=1e-5)

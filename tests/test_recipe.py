@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import dataset
+import labels
 import report
 from conftest import ROOT
 
@@ -32,8 +33,8 @@ def test_bench_recipe_trains_predicts_and_prints_one_parsable_line(demo_root, tm
 
 def test_task_metrics_match_a_hand_computed_example():
     data = dataset.MaskBaseDataset.__new__(dataset.MaskBaseDataset)  # only its class names are needed
-    data.class_names = dataset.mask_class_names()
-    enc = dataset.encode
+    data.class_names = labels.mask_class_names()
+    enc = labels.encode
     targets = np.array([enc(0, 0, 0), enc(0, 1, 2), enc(1, 0, 1), enc(2, 1, 0)])
     preds = np.array([enc(0, 0, 0), enc(0, 0, 2), enc(1, 0, 0), enc(0, 1, 0)])
     # mask right 3/4 (the last one), gender right 3/4 (the second), age right 3/4 (the third)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import dataset
+import labels
 import runs
 import utils
 from conftest import run_script, tiny_run_args
@@ -112,19 +112,19 @@ PARTLY = "000005"  # 3 of 7 photos predicted as the other gender
 def write_predictions(path, class_names=None):
     """12 persons x 7 photos: each photo's probability mass on the labelled class (0.8, the rest spread evenly),
     except FLIPPED persons (every photo: on the class of the other gender) and PARTLY (3 photos flipped)."""
-    class_names = class_names or dataset.mask_class_names()
+    class_names = class_names or labels.mask_class_names()
     rows, probs = [], []
     for person in range(1, 13):
         pid, gender, age = f"{person:06d}", person % 2, person % 3
         for shot_index, shot in enumerate(SHOTS):
-            mask = dataset.MASK_FILES[shot]
-            truth = dataset.encode(mask, gender, age)
+            mask = labels.MASK_FILES[shot]
+            truth = labels.encode(mask, gender, age)
             flipped = pid in FLIPPED or (pid == PARTLY and shot_index < 3)
             top = FLIPPED.get(pid, 0.8)
             p = np.full(18, (1 - top) / 17)
-            p[dataset.encode(mask, 1 - gender, age) if flipped else truth] = top
+            p[labels.encode(mask, 1 - gender, age) if flipped else truth] = top
             probs.append(p)
-            folder = f"{pid}_{dataset.GENDER_NAMES[gender]}_Asian_{[20, 40, 70][age]}"
+            folder = f"{pid}_{labels.GENDER_NAMES[gender]}_Asian_{[20, 40, 70][age]}"
             rows.append({"path": f"images/{folder}/{shot}.jpg", "group": pid, "truth": truth, "pred": p.argmax()})
     table = pd.DataFrame(rows)
     probs = np.array(probs)
@@ -166,11 +166,18 @@ def test_a_person_with_few_disagreeing_photos_is_a_candidate_only_below_min_shar
     assert lenient["group"].tolist()[:2] == ["000003", "000008"]
 
 
-def test_age_bands_are_read_from_the_class_names(tmp_path):
-    names = dataset.mask_class_names((30, 58))
-    assert runs.mask_fields(names)["age"] == ["<30", "30-57", ">=58"]
+def test_age_bands_come_from_the_runs_config(tmp_path):
+    names = labels.mask_class_names((30, 58))
+    assert runs.mask_fields(names, (30, 58))["age"] == ["<30", "30-57", ">=58"]
     write_predictions(tmp_path / "oof.csv", names)
-    assert len(runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path)]))) == 2
+    args = runs.get_parser().parse_args(["--suspects", str(tmp_path)])
+    with pytest.raises(utils.UserError, match="needs mask-competition predictions .* --age_bounds 30 60"):
+        runs.main(args)  # without a config.json the default bounds apply, and they name other classes
+    (tmp_path / "fold0").mkdir()  # a k-fold run: oof.csv beside the folds, each with its config.json
+    config = {"model": "BaseModel", "num_classes": 18, "augmentation": "BaseAugmentation", "age_bounds": [30, 58]}
+    (tmp_path / "fold0/config.json").write_text(json.dumps(config))
+    assert runs.run_age_bounds(tmp_path) == (30, 58)
+    assert len(runs.main(args)) == 2
 
 
 def test_suspects_refuse_data_that_is_not_the_mask_competition(tmp_path):
@@ -194,7 +201,7 @@ def write_color_persons(root, n_persons: int = 24, seed: int = 0):
         age = (20, 45, 70)[band]
         folder = root / f"{p:06d}_{('male', 'female')[gender]}_Asian_{age}"
         folder.mkdir(parents=True)
-        for stem in dataset.MASK_FILES:
+        for stem in labels.MASK_FILES:
             base = np.array([60 + 140 * gender, 40 + 80 * band, 200 - 140 * gender], dtype=np.float64)
             pixels = np.clip(base + rng.normal(0, 12, (32, 24, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{stem}.png")
