@@ -40,14 +40,22 @@ DEFAULT_EVAL_DIR = "/opt/ml/input/data/eval"  # the competition server's layout
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    g = p.add_argument_group("runs")
+    add_run_flags(p.add_argument_group("runs"))
+    add_data_flags(p.add_argument_group("data"))
+    add_output_flags(p.add_argument_group("output"))
+    add_runtime_flags(p.add_argument_group("runtime"))
+    return p
+
+
+def add_run_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--model_dir",
         nargs="+",
         metavar="RUN",
         default=utils.env_value("SM_CHANNEL_MODEL"),
-        help="run directory(ies) written by train.py; a k-fold run directory stands for its fold0/, fold1/, ... "
-        "runs. Several: their class probabilities are averaged [$SM_CHANNEL_MODEL (one directory); when "
+        help="run directory(ies) written by train.py, or checkpoint files (a best.pth copied anywhere rebuilds its "
+        "model alone); a k-fold run directory stands for its fold0/, fold1/, ... runs. Several: their class "
+        "probabilities are averaged [$SM_CHANNEL_MODEL (one directory); when "
         "unset: the newest run under $SM_MODEL_DIR or ./model]",
     )
     g.add_argument(
@@ -69,7 +77,9 @@ def get_parser() -> argparse.ArgumentParser:
         "flip = image + its mirror (2 passes); flip_shift = those + the image moved 5%% of its side up, down, "
         "left, right (6); flip_zoom = image, mirror and both zoomed 10%% on the centre (4)",
     )
-    g = p.add_argument_group("data")
+
+
+def add_data_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--data_dir",
         default=utils.env_value("SM_CHANNEL_EVAL"),
@@ -92,7 +102,9 @@ def get_parser() -> argparse.ArgumentParser:
         metavar=("H", "W"),
         help="only checked: must equal each run's training size (pixels) when given",
     )
-    g = p.add_argument_group("output")
+
+
+def add_output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--output_dir",
         default=utils.env_value("SM_OUTPUT_DATA_DIR", "./output"),
@@ -110,7 +122,9 @@ def get_parser() -> argparse.ArgumentParser:
         default=False,
         help="also write probs.csv: ImageID and one probability column per class name (for later ensembling)",
     )
-    g = p.add_argument_group("runtime")
+
+
+def add_runtime_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch_size", type=int, default=256, help="images per batch")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument(
@@ -119,7 +133,6 @@ def get_parser() -> argparse.ArgumentParser:
         default=int(utils.env_value("NUM_WORKERS", utils.default_num_workers())),
         help="data loader processes [$NUM_WORKERS]",
     )
-    return p
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -181,6 +181,83 @@ def read_label_fixes(path: str | os.PathLike) -> list[LabelFix]:
     return fixes
 
 
+class FixTargets:
+    """Which images a row of a fix file names: a person/group id, an image path, or a folder of images."""
+
+    def __init__(
+        self, image_paths: Sequence[Path], root: Path, ids: Sequence[str] | None, id_noun: str, no_ids_hint: str
+    ) -> None:
+        self.image_paths, self.root, self.ids = image_paths, root, ids
+        self.id_noun, self.no_ids_hint = id_noun, no_ids_hint
+        self.by_id: dict[str, list[int]] = {}
+        for i, key in enumerate(ids or ()):
+            self.by_id.setdefault(key, []).append(i)
+        self.real: dict[str, int] = {}  # real path -> index of every image, made once and only if a row names a path
+
+    def select(self, fix: LabelFix, where: str) -> tuple[list[int], bool]:
+        """Indices of the images a row names, and whether it named one image by its path."""
+        if fix.key in self.by_id:
+            return self.by_id[fix.key], False
+        if not self.real:
+            self.real.update((os.path.realpath(p), i) for i, p in enumerate(self.image_paths))
+        root = self.root
+        target = os.path.realpath(Path(fix.key) if Path(fix.key).is_absolute() else root / fix.key)
+        if target in self.real:
+            return [self.real[target]], True
+        inside = [i for p, i in self.real.items() if p.startswith(target + os.sep)]
+        if inside:
+            return inside, False
+        if "/" in fix.key or os.sep in fix.key or Path(fix.key).suffix:
+            raise UserError(
+                f"{where}: {fix.key} names no image of the data set in {root}; give a path relative to that folder "
+                "or an absolute one, or delete the row"
+            )
+        if self.ids is None:
+            raise UserError(
+                f"{where}: {fix.key} is not an image under {root}, and the images have no {self.id_noun} ids "
+                f"({self.no_ids_hint}); give the image's path or delete the row"
+            )
+        padded = [k for k in self.by_id if k.isdigit() and fix.key.isdigit() and int(k) == int(fix.key)]
+        hint = f" (did you mean {padded[0]}? a spreadsheet may have dropped its leading zeros)" if padded else ""
+        raise UserError(
+            f"{where}: id {fix.key} is not a {self.id_noun} in {root}{hint}; correct the id or delete the row"
+        )
+
+
+def plan_fixes(
+    fixes: Sequence[LabelFix], fields: dict[str, FixableField], targets: FixTargets, name: str
+) -> list[tuple[LabelFix, list[int], Any]]:
+    """Every row checked before anything changes, so a bad file leaves the labels as they were: (row, the
+    images it names, the parsed value)."""
+    plan: list[tuple[LabelFix, list[int], Any]] = []
+    seen: dict[tuple[str, str], LabelFix] = {}
+    for fix in fixes:
+        where = f"{name} row {fix.row}"
+        if fix.field not in fields:
+            raise UserError(
+                f"{where}: field '{fix.field}' cannot be fixed; use one of {', '.join(fields)} or delete the row"
+            )
+        rule = fields[fix.field]
+        indices, one_image = targets.select(fix, where)
+        if rule.per_image and not one_image:
+            raise UserError(
+                f"{where}: {fix.field} is a label of one image, not of {fix.key}: give the image's path "
+                f"(relative to {targets.root}) instead"
+            )
+        try:
+            value = rule.parse(fix.value)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}; correct the value or delete the row") from None
+        earlier = seen.setdefault((fix.key, fix.field), fix)
+        if earlier is not fix and rule.parse(earlier.value) != value:
+            raise UserError(
+                f"{where}: {fix.key} {fix.field} is set to {earlier.value} on row {earlier.row} already; "
+                "keep one of the two rows"
+            )
+        plan.append((fix, indices, value))
+    return plan
+
+
 def apply_label_fixes(
     path: str | os.PathLike,
     fields: dict[str, FixableField],
@@ -197,67 +274,9 @@ def apply_label_fixes(
     (or path) and field twice with different values is an error. Prints one line with the counts; the report
     (file, rows, images_changed, groups_changed, changes as [id or path, field, old, new]) is for config.json.
     """
-    name = f"--label_fixes {path}"
     fixes = read_label_fixes(path)
-    by_id: dict[str, list[int]] = {}
-    for i, key in enumerate(ids or ()):
-        by_id.setdefault(key, []).append(i)
-    real: dict[str, int] = {}  # real path -> index of every image, made once and only if some row names a path
-
-    def select(fix: LabelFix, where: str) -> tuple[list[int], bool]:
-        """Indices of the images a row names, and whether it named one image by its path."""
-        if fix.key in by_id:
-            return by_id[fix.key], False
-        if not real:
-            real.update((os.path.realpath(p), i) for i, p in enumerate(image_paths))
-        target = os.path.realpath(Path(fix.key) if Path(fix.key).is_absolute() else root / fix.key)
-        if target in real:
-            return [real[target]], True
-        inside = [i for p, i in real.items() if p.startswith(target + os.sep)]
-        if inside:
-            return inside, False
-        if "/" in fix.key or os.sep in fix.key or Path(fix.key).suffix:
-            raise UserError(
-                f"{where}: {fix.key} names no image of the data set in {root}; give a path relative to that folder "
-                "or an absolute one, or delete the row"
-            )
-        if ids is None:
-            raise UserError(
-                f"{where}: {fix.key} is not an image under {root}, and the images have no {id_noun} ids "
-                f"({no_ids_hint}); give the image's path or delete the row"
-            )
-        padded = [k for k in by_id if k.isdigit() and fix.key.isdigit() and int(k) == int(fix.key)]
-        hint = f" (did you mean {padded[0]}? a spreadsheet may have dropped its leading zeros)" if padded else ""
-        raise UserError(f"{where}: id {fix.key} is not a {id_noun} in {root}{hint}; correct the id or delete the row")
-
-    # Check every row before changing anything, so a bad file leaves the labels as they were.
-    plan: list[tuple[LabelFix, list[int], Any]] = []
-    seen: dict[tuple[str, str], LabelFix] = {}
-    for fix in fixes:
-        where = f"{name} row {fix.row}"
-        if fix.field not in fields:
-            raise UserError(
-                f"{where}: field '{fix.field}' cannot be fixed; use one of {', '.join(fields)} or delete the row"
-            )
-        rule = fields[fix.field]
-        indices, one_image = select(fix, where)
-        if rule.per_image and not one_image:
-            raise UserError(
-                f"{where}: {fix.field} is a label of one image, not of {fix.key}: give the image's path "
-                f"(relative to {root}) instead"
-            )
-        try:
-            value = rule.parse(fix.value)
-        except ValueError as e:
-            raise UserError(f"{where}: {e}; correct the value or delete the row") from None
-        earlier = seen.setdefault((fix.key, fix.field), fix)
-        if earlier is not fix and rule.parse(earlier.value) != value:
-            raise UserError(
-                f"{where}: {fix.key} {fix.field} is set to {earlier.value} on row {earlier.row} already; "
-                "keep one of the two rows"
-            )
-        plan.append((fix, indices, value))
-
+    targets = FixTargets(image_paths, root, ids, id_noun, no_ids_hint)
+    plan = plan_fixes(fixes, fields, targets, f"--label_fixes {path}")
     before = {f: list(rule.values) for f, rule in fields.items()}
     changes = []
     for fix, indices, value in plan:
