@@ -4,6 +4,7 @@ and runs.py imports neither CLI."""
 from __future__ import annotations
 
 import ast
+import re
 
 import pytest
 
@@ -39,3 +40,10 @@ def test_the_engine_reads_no_namespace_and_runs_imports_no_cli():
     assert "Namespace" not in engine_source and "argparse" not in engine_source
     assert not {"train", "inference"} & imported_modules(ROOT / "runs.py")
     assert not {"train", "inference", "runs"} & imported_modules(ROOT / "engine.py")
+
+
+def test_the_readme_files_table_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Files", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
+    assert {p.name for p in MODULES} <= listed, sorted({p.name for p in MODULES} - listed)
