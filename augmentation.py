@@ -8,6 +8,7 @@ To add a preset, define a class here whose name ends in `Augmentation`; it is th
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import v2
 
 import utils
 
@@ -285,18 +287,44 @@ class BatchAugment:
 
 
 def cutmix_box(height: int, width: int, lam: float, mode: str) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the patch pasted from the other image; its area is about 1 - lam.
+    """(top, bottom, left, right) of the patch pasted from the other image; its area is 1 - lam (rounded).
 
     `vertical` cuts at a random column: the left part from one face, the right from another, so each part
-    keeps its eyes and mask region (a box would often paste someone's mouth over a mask)."""
-    if mode == "vertical":
-        left = round(width * lam)
-        return 0, height, left, width
-    cut_h, cut_w = round(height * math.sqrt(1 - lam)), round(width * math.sqrt(1 - lam))
-    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
-    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-    return top, bottom, left, right
+    keeps its eyes and mask region (a box would often paste someone's mouth over a mask). The `box` patch is
+    torchvision's CutMix's own, drawn inside it (see `mix_batch`)."""
+    if mode != "vertical":
+        raise ValueError(f"cutmix_box: mode {mode!r} is not ours; the box mode is torchvision's v2.CutMix")
+    left = round(width * lam)
+    return 0, height, left, width
+
+
+class VerticalCutMix(v2.CutMix):
+    """torchvision's CutMix with our patch: everything right of a random column, pasted from the partner."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
+        height, width = flat_inputs[0].shape[-2:]
+        top, bottom, left, right = cutmix_box(height, width, lam, "vertical")
+        return {"box": (left, top, right, bottom), "lam_adjusted": left / width}  # v2.CutMix's (x1, y1, x2, y2)
+
+    _get_params = make_params  # its name before torchvision 0.21 (pytorch/vision#8787)
+
+
+@functools.lru_cache(maxsize=8)
+def batch_mixer(num_classes: int, mixup: float, cutmix: float, cutmix_mode: str) -> v2.Transform:
+    """torchvision's MixUp (alpha `mixup`) and CutMix (alpha `cutmix`, patch `cutmix_mode`), one of the two
+    picked per batch when both are on; each (images, labels) -> (images, soft labels (N, num_classes)).
+
+    Each image is mixed with the one before it in the batch (torchvision rolls the batch by one; the loader
+    shuffles). Every draw (which one, lam from Beta(alpha, alpha), the box) comes from torch's global CPU
+    generator, which checkpoints save and restore, so a resumed run mixes as an uninterrupted one."""
+    chosen = []
+    if mixup > 0:
+        chosen.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        cls = VerticalCutMix if cutmix_mode == "vertical" else v2.CutMix
+        chosen.append(cls(alpha=cutmix, num_classes=num_classes))
+    return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
 
 
 def mix_batch(
@@ -309,22 +337,11 @@ def mix_batch(
     prob: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup (alpha `mixup`) or cutmix (alpha `cutmix`; one of the two at random when both are set) on a batch
-    with probability `prob`. Returns the images and soft targets (N, num_classes) that sum to 1 per row."""
-    soft = F.one_hot(targets, num_classes).to(torch.float32)
+    with probability `prob`, by `batch_mixer`. Returns the images and soft targets (N, num_classes) that sum to 1
+    per row (one-hot when the batch is not mixed)."""
     if (mixup <= 0 and cutmix <= 0) or float(torch.rand(())) >= prob:
-        return images, soft
-    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand(())) < 0.5)
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(np.clip(torch.distributions.Beta(alpha, alpha).sample(), 0.0, 1.0))
-    perm = torch.randperm(len(images)).to(images.device)
-    if use_cutmix:
-        top, bottom, left, right = cutmix_box(images.shape[-2], images.shape[-1], lam, cutmix_mode)
-        images = images.clone()
-        images[..., top:bottom, left:right] = images[perm][..., top:bottom, left:right]
-        lam = 1 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
-    else:
-        images = lam * images + (1 - lam) * images[perm]
-    return images, lam * soft + (1 - lam) * soft[perm]
+        return images, F.one_hot(targets, num_classes).to(torch.float32)
+    return batch_mixer(num_classes, float(mixup), float(cutmix), cutmix_mode)(images, targets)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import precision_recall_fscore_support
 
 import dataset
 import labels
@@ -68,12 +69,15 @@ def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def class_report(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support of every class (0 where undefined, as sklearn's zero_division=0)."""
-    cm = utils.confusion_matrix(targets, preds, len(class_names)).astype(np.float64)
-    tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f1 = utils.f1_per_class(targets, preds, len(class_names))
+    """Precision, recall, F1 and support of every class (0 where undefined: sklearn's zero_division=0)."""
+    k = len(class_names)
+    if len(targets) == 0:  # sklearn refuses empty inputs; every count is 0
+        precision = recall = f1 = np.zeros(k)
+        support = np.zeros(k, dtype=np.int64)
+    else:
+        precision, recall, f1, support = precision_recall_fscore_support(
+            targets, preds, labels=np.arange(k), zero_division=0
+        )
     return pd.DataFrame(
         {"class": list(class_names), "precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
     )

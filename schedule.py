@@ -7,11 +7,12 @@ the weights: what `--optimizer`, `--scheduler`, `--warmup_epochs` and `--ema` bu
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import utils
@@ -46,29 +47,16 @@ def build_optimizer(
     return cls(groups, **utils.filter_kwargs(cls, kwargs))
 
 
-def lr_factor(
-    name: str, step: int, total: int, steps_per_epoch: int, warmup: int, decay_epochs: int, gamma: float
-) -> float:
-    """The lr multiplier after `step` optimizer steps (of `total`): linear warmup over `warmup` steps, then
-    the schedule `name` (none, step, cosine, cosine_restarts). Closed forms, so resume is exact."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if name == "none":
-        return 1.0
-    if name == "step":
-        return gamma ** (step // (decay_epochs * steps_per_epoch))
-    if name == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if name == "cosine_restarts":  # SGDR: cosine to 0 every `decay_epochs` epochs, then back to the peak
-        period = decay_epochs * steps_per_epoch
-        return 0.5 * (1 + math.cos(math.pi * ((step - warmup) % period) / period))
-    raise UserError(f"--scheduler {name} is unknown: choose one of {', '.join(SCHEDULERS)}")
-
-
 class Schedule:
-    """The learning rate of every step: warmup, then a per-step schedule; `plateau` cuts the lr by `gamma` after
-    `patience` epochs without a better validation macro F1 (stepped per epoch)."""
+    """The learning rate of every step: a linear warmup over `warmup_epochs`, then the torch.optim.lr_scheduler
+    of `name`, stepped per optimizer step; `plateau` cuts the lr by `gamma` after `patience` epochs without a
+    better validation macro F1 (ReduceLROnPlateau, stepped per epoch once the warmup is over).
+
+    After warmup step w of W the lr is base * (w + 1) / W; then, at step s of `total` (s >= W):
+    none: base; step: base * gamma ** (s // (decay_epochs * steps_per_epoch)), counted from step 0;
+    cosine: base * (1 + cos(pi * (s - W) / max(1, total - W))) / 2, 0 at the end; cosine_restarts: the same
+    cosine over every decay_epochs * steps_per_epoch steps, back to base after each; onecycle: OneCycleLR, whose
+    rise is the warmup (30% of training without one). tests/test_library_parity.py holds these closed forms."""
 
     def __init__(
         self,
@@ -81,6 +69,8 @@ class Schedule:
         gamma: float = 0.5,
         patience: int = 2,
     ) -> None:
+        if name not in SCHEDULERS:
+            raise UserError(f"--scheduler {name} is unknown: choose one of {', '.join(SCHEDULERS)}")
         self.optimizer, self.name = optimizer, name
         self.steps_per_epoch = steps_per_epoch
         self.total = epochs * steps_per_epoch
@@ -89,39 +79,52 @@ class Schedule:
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.step_count = 0
         self.plateau = None
-        self.onecycle = None
-        if name == "onecycle":  # its own rise: the warmup epochs, or 30% of training without them
-            pct = self.warmup / self.total if self.warmup else 0.3
-            self.onecycle = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.base_lrs, total_steps=self.total, pct_start=min(max(pct, 1e-3), 0.999)
-            )
+        if name == "plateau":
+            self.plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=gamma, patience=patience)
+        self.inner = self._build()
+        # Steps the per-step scheduler takes: OneCycleLR refuses a step past its last; a cosine stepped past its
+        # end would rise again; the plateau's warmup has reached the base lr after step W - 1.
+        if name == "onecycle":
+            self.last_step = self.total - 1
         elif name == "plateau":
-            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=gamma, patience=patience
-            )
-        if self.onecycle is None:
-            self._apply()
+            self.last_step = max(self.warmup - 1, 0)
+        else:
+            self.last_step = self.total
 
-    def _apply(self) -> None:
-        if self.plateau is not None:  # warmup only; afterwards ReduceLROnPlateau owns the lr
-            if self.step_count <= self.warmup and self.warmup:
-                for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                    group["lr"] = base * min(1.0, (self.step_count + 1) / self.warmup)
-            return
-        factor = lr_factor(
-            self.name, self.step_count, self.total, self.steps_per_epoch, self.warmup, self.decay_epochs, self.gamma
-        )
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
+    def _build(self) -> lr_scheduler.LRScheduler | None:
+        """A fresh per-step scheduler at step 0 (None for `none` without warmup), from the base lrs."""
+        optimizer, warmup, total = self.optimizer, self.warmup, self.total
+        for group, base in zip(optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = group["initial_lr"] = base  # a loaded optimizer state may carry another run's
+        if self.name == "onecycle":  # its own rise: the warmup epochs, or 30% of training without them
+            pct = warmup / total if warmup else 0.3
+            return lr_scheduler.OneCycleLR(
+                optimizer, max_lr=self.base_lrs, total_steps=total, pct_start=min(max(pct, 1e-3), 0.999)
+            )
+        # (w + 1) / W at warmup step w: LinearLR reaches end_factor after total_iters steps.
+        rise = None
+        if warmup:
+            rise = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+        period = self.decay_epochs * self.steps_per_epoch
+        if self.name in ("none", "plateau"):  # constant after warmup (plateau's cuts are ReduceLROnPlateau's)
+            return rise
+        if self.name == "step":
+            # StepLR's drops every `period` steps counted from step 0, warmup included: SequentialLR restarts
+            # the count after the warmup, so the drops are milestones shifted back by it (those at or before
+            # the warmup's end apply at once when it ends).
+            drops = [k * period - warmup for k in range(1, total // period + 1)]
+            main = lr_scheduler.MultiStepLR(optimizer, milestones=drops, gamma=self.gamma)
+        elif self.name == "cosine":
+            main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+        else:  # cosine_restarts, SGDR: cosine to 0 every `period` steps, then back to the peak
+            main = lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=period)
+        return main if rise is None else lr_scheduler.SequentialLR(optimizer, [rise, main], milestones=[warmup])
 
     def step_batch(self) -> None:
         """After each optimizer step."""
         self.step_count += 1
-        if self.onecycle is not None:
-            if self.step_count < self.total:
-                self.onecycle.step()
-        else:
-            self._apply()
+        if self.inner is not None and self.step_count <= self.last_step:
+            self.inner.step()
 
     def step_epoch(self, score: float) -> None:
         """After each validation, with its macro F1."""
@@ -133,14 +136,25 @@ class Schedule:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        inner = self.onecycle or self.plateau
-        return {"step_count": self.step_count, "inner": inner.state_dict() if inner is not None else None}
+        """The step reached and the plateau's state (what follows from the flags is rebuilt, not saved)."""
+        return {"step_count": self.step_count, "inner": self.plateau.state_dict() if self.plateau else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: the per-step scheduler is rebuilt and stepped to the saved step, which gives the
+        lr an uninterrupted run has there, and, when a resumed run changes --epochs or --lr, the schedule of the
+        new flags at that step. After the plateau's warmup the lr is the loaded optimizer's, as ReduceLROnPlateau
+        last set it."""
         self.step_count = state["step_count"]
-        inner = self.onecycle or self.plateau
-        if inner is not None:
-            inner.load_state_dict(state["inner"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["inner"])
+            if self.step_count >= self.warmup:
+                return
+        with warnings.catch_warnings():  # replayed steps precede this optimizer's first step: torch warns
+            warnings.simplefilter("ignore", UserWarning)
+            self.inner = self._build()
+            if self.inner is not None:
+                for _ in range(min(self.step_count, self.last_step)):
+                    self.inner.step()
 
 
 def make_ema(model: nn.Module, decay: float) -> AveragedModel:

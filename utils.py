@@ -149,33 +149,36 @@ def filter_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Metrics. Every metric is computed over exactly the samples that were scored.
+# Metrics: sklearn.metrics, over exactly the samples that were scored. sklearn is imported on first use, so the
+# scripts that only import utils (inference, the demo) start without it. sklearn refuses empty inputs; an empty
+# split scores zeros here, as the counts it has are all zero.
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts[i, j] of samples with truth i predicted as j."""
-    targets = np.asarray(targets, dtype=np.int64)
-    preds = np.asarray(preds, dtype=np.int64)
-    return np.bincount(targets * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+    """Counts[i, j] of samples with truth i predicted as j (int64, num_classes x num_classes)."""
+    from sklearn import metrics
+
+    if len(targets) == 0:
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    return metrics.confusion_matrix(targets, preds, labels=np.arange(num_classes))
 
 
 def f1_per_class(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """F1 of each class; 0 for a class that is neither present nor predicted (as sklearn's zero_division=0)."""
-    cm = confusion_matrix(targets, preds, num_classes).astype(np.float64)
-    tp = np.diag(cm)
-    denom = cm.sum(0) + cm.sum(1)  # predicted + true = 2tp + fp + fn
-    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    """F1 of each class; 0 for a class that is neither present nor predicted (sklearn's zero_division=0)."""
+    from sklearn import metrics
+
+    if len(targets) == 0:
+        return np.zeros(num_classes)
+    return metrics.f1_score(targets, preds, labels=np.arange(num_classes), average=None, zero_division=0)
 
 
 def macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int | None = None) -> float:
-    """Macro F1 over the classes present in truth or prediction, as `sklearn.metrics.f1_score(average="macro")`."""
-    targets = np.asarray(targets, dtype=np.int64)
-    preds = np.asarray(preds, dtype=np.int64)
-    if num_classes is None:
-        num_classes = int(max(targets.max(initial=0), preds.max(initial=0))) + 1
-    cm = confusion_matrix(targets, preds, num_classes)
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    if not present.any():
+    """Macro F1 over the classes present in truth or prediction: `sklearn.metrics.f1_score(average="macro")`.
+    `num_classes` does not change it (classes absent from both are not averaged); callers pass it for symmetry
+    with f1_per_class."""
+    from sklearn import metrics
+
+    if len(targets) == 0:
         return 0.0
-    return float(f1_per_class(targets, preds, num_classes)[present].mean())
+    return float(metrics.f1_score(targets, preds, average="macro", zero_division=0))
 
 
 class EarlyStopping:

@@ -159,17 +159,30 @@ def test_every_schedule_runs_and_restores_from_its_state(name):
 )
 def test_mixed_targets_sum_to_one_and_match_the_pasted_area(mixup, cutmix, mode):
     torch.manual_seed(0)
-    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 6).contiguous()
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 6).contiguous()  # image i is the constant i
     targets = torch.tensor([0, 1, 2, 3])
     mixed, soft = augmentation.mix_batch(images, targets, 5, mixup, cutmix, mode)
     assert soft.shape == (4, 5) and torch.allclose(soft.sum(1), torch.ones(4))
-    # Each image's own share of pixels (or blend weight) is its own target's probability.
+    assert (soft[:, 4] == 0).all()  # no image has class 4
+    blended = not torch.equal(mixed, mixed.round())  # mixup leaves fractions; cutmix only moves whole pixels
+    if mixup and not cutmix:
+        assert blended
+    elif cutmix and not mixup:
+        assert not blended
     for i in range(4):
-        own = soft[i, i].item()
-        if mixup and not cutmix:
-            assert own >= 0
-        elif cutmix and not mixup:
-            assert (mixed[i] == i).float().mean().item() == pytest.approx(own, abs=1e-6) or own == 1.0
+        lam = soft[i, i].item()
+        partners = [j for j in range(4) if j != i and soft[i, j] > 0]
+        assert len(partners) <= 1, f"image {i} mixed with more than one other: {soft[i]}"
+        if blended:  # each image is lam * itself + (1 - lam) * its partner, lam its own target's share
+            assert len(partners) == 1 and 0 < lam < 1
+            j = partners[0]
+            assert torch.allclose(mixed[i], torch.full_like(mixed[i], lam * i + (1 - lam) * j))
+        else:  # each image's share of its own pixels is its own target's share; the rest is its partner's
+            assert (mixed[i] == i).float().mean().item() == pytest.approx(lam, abs=1e-6)
+            for j in partners:
+                assert (mixed[i] == j).float().mean().item() == pytest.approx(soft[i, j].item(), abs=1e-6)
+    if cutmix and not mixup:
+        assert (soft.max(1).values < 1).any(), "seed 0 pastes a patch: the check above compared something"
 
 
 def test_vertical_cutmix_pastes_everything_right_of_a_column():
