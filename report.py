@@ -215,7 +215,7 @@ def log_hparams(writer: Any, config: dict[str, Any], metrics: dict[str, float]) 
     flags = {
         k: v if isinstance(v, (int, float, str, bool)) else str(v)
         for k, v in config.items()
-        if k not in ("versions", "class_names", "skipped_images", "command", "mean", "std", "resumed")
+        if k not in ("versions", "class_names", "skipped_images", "command", "mean", "std", "resumed", "flag_defaults")
     }
     experiment, start, end = hparams(flags, metrics)
     file_writer = writer._get_file_writer()

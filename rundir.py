@@ -50,8 +50,7 @@ DATA_FACTS = (
     "train_images",
     "val_images",
     "resumed",
-    "model_file",
-    "backbone_file",
+    "flag_defaults",
 )
 
 

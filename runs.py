@@ -167,13 +167,19 @@ def show_value(value: Any) -> str:
 
 
 def differing_flags(configs: list[dict[str, Any]]) -> list[str]:
-    """train.py's flags (in config order) whose values are not the same in every config that has them. A flag
-    missing from an older config is not compared there (it shows '-'), so adding a flag to train.py does not
-    make every older run differ."""
+    """train.py's flags (in config order) whose values are not the same in every config. A flag missing from an
+    older config counts as its default, as the newer runs' config.json record it (`flag_defaults`), so adding a
+    flag to train.py does not make every older run differ."""
+    defaults: dict[str, Any] = {}
+    for config in configs:
+        defaults.update(config.get("flag_defaults") or {})
     flags = [f for f in dict.fromkeys(k for c in configs for k in c) if f not in NOT_COMPARED + rundir.DATA_FACTS]
-    return [
-        f for f in flags if len({json.dumps(c[f], default=repr, sort_keys=True) for c in configs if f in c}) > 1
-    ]
+    missing = object()
+
+    def value(config: dict[str, Any], flag: str) -> str:
+        return json.dumps(config.get(flag, defaults.get(flag, missing)), default=repr, sort_keys=True)
+
+    return [f for f in flags if len({value(c, f) for c in configs}) > 1]
 
 
 def run_table(root: Path) -> pd.DataFrame:

@@ -607,6 +607,7 @@ def run_config(
         "versions": utils.library_versions(),
         "git_commit": utils.git_commit(),
         "command": args.command if args.resume else " ".join(sys.argv),
+        "flag_defaults": flag_defaults(),  # what runs.py compares an older run's missing flags with
     }
 
 
