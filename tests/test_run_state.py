@@ -36,10 +36,7 @@ def one_error_line(done) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("resume_from", ["kfold_dir", "fold_dir"])
-def test_an_interrupted_kfold_run_resumes_to_the_end_and_equals_the_uninterrupted_one(
-    demo_root, tmp_path, monkeypatch, resume_from
-):
+def test_an_interrupted_kfold_run_resumes_to_the_end_and_equals_the_uninterrupted_one(demo_root, tmp_path, monkeypatch):
     kfold = flags(demo_root, tmp_path, "--fold", "all", "--n_splits", "3", "--epochs", "2", "--batch_size", "16")
     full = train_here([*kfold, "--name", "full"])
 
@@ -56,15 +53,17 @@ def test_an_interrupted_kfold_run_resumes_to_the_end_and_equals_the_uninterrupte
     assert not (part / "fold2").exists() and not (part / "oof.csv").exists()
     assert not utils.load_checkpoint(part / "fold1/last.pth")["finished"]
 
-    target = part if resume_from == "kfold_dir" else part / "fold1"
-    assert train_here(["--resume", str(target)]) == part
-    for k in range(3):
-        a, b = (utils.load_checkpoint(run / f"fold{k}/last.pth") for run in (full, part))
-        assert same_weights(a["model"], b["model"]), f"fold {k}"
-        assert b["finished"] and b["epoch"] == 2
-    assert (full / "oof.csv").read_bytes() == (part / "oof.csv").read_bytes()
-    logs = [pd.read_csv(run / "fold1/log.csv").drop(columns="time_s") for run in (full, part)]
-    pd.testing.assert_frame_equal(logs[0], logs[1])
+    by_fold = shutil.copytree(part, tmp_path / "model/part_copy")  # the same stop, resumed through a fold
+    assert train_here(["--resume", str(part)]) == part  # the k-fold run's own directory
+    assert train_here(["--resume", str(by_fold / "fold1")]) == by_fold
+    for resumed in (part, by_fold):
+        for k in range(3):
+            a, b = (utils.load_checkpoint(run / f"fold{k}/last.pth") for run in (full, resumed))
+            assert same_weights(a["model"], b["model"]), f"fold {k}"
+            assert b["finished"] and b["epoch"] == 2
+        assert (full / "oof.csv").read_bytes() == (resumed / "oof.csv").read_bytes()
+        logs = [pd.read_csv(run / "fold1/log.csv").drop(columns="time_s") for run in (full, resumed)]
+        pd.testing.assert_frame_equal(logs[0], logs[1])
 
 
 def test_a_single_fold_trains_as_that_fold_of_a_kfold_run(demo_root, tmp_path):
