@@ -292,12 +292,14 @@ class RunState:
 def fold_result(state: dict[str, Any] | RunState) -> dict[str, Any]:
     """What a finished split contributes to oof.csv: validation indices, best probabilities and score."""
     if isinstance(state, RunState):
-        state = {"val_idx": state.val_idx, "best_probs": state.best_probs, "best_score": state.best_score}
-    probs = state["best_probs"]
+        state = {"val_idx": state.val_idx, "best_probs": state.best_probs, "best_score": state.best_score,
+                 "config": state.config}  # fmt: skip
+    probs, metric = state["best_probs"], state["config"].get("eval_metric", "macro_f1")
     return {
         "val_idx": np.asarray(state["val_idx"], dtype=np.int64),
         "probs": probs.numpy() if probs is not None else None,
-        "best_score": state["best_score"],
+        # The metric's own value (a loss as a loss): score_of maximizes minus the loss.
+        "best_score": -state["best_score"] if metric == "loss" else state["best_score"],
     }
 
 
