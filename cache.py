@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -205,3 +206,34 @@ def build_cache(
     if kind == "disk":
         return DiskCache(paths, size, decode, cache_dir, workers)
     raise utils.UserError(f"--cache {kind} is unknown: choose auto, none, ram or disk")
+
+
+def prepare_images(
+    data: Any, decode: Decode, size: Sequence[int], kind: str, workers: int, cache_dir: str, skip_bad: bool
+) -> tuple[dict[str, str], RamCache | DiskCache | None]:
+    """Decode every image of `data` once before training, into the cache of `kind` (choose_kind) when there is
+    one: stop with all unreadable images listed, or drop them (`skip_bad`, --skip_bad_images). Returns
+    ({path: reason} of dropped images, cache)."""
+    paths = [str(p) for p in data.image_paths]
+    kind = choose_kind(kind, len(paths), size)
+    if kind == "none":
+        cache, bad = None, find_unreadable(paths, decode, workers)
+    else:
+        cache = build_cache(kind, paths, size, decode, workers, cache_dir)
+        bad = cache.bad
+        print(cache.report)
+    if not bad:
+        return bad, cache
+    listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
+    if not skip_bad:
+        raise utils.UserError(
+            f"{len(bad)} image(s) cannot be read: {listing}. Replace or remove them, or pass --skip_bad_images"
+        )
+    print(
+        f"warning: skipping {len(bad)} unreadable image(s), listed in the run's bad_images.tsv: {listing}",
+        file=sys.stderr,
+    )
+    if cache is not None:
+        cache.keep(np.array([p not in bad for p in paths]))
+    data.remove(bad)
+    return bad, cache

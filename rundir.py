@@ -199,3 +199,49 @@ def load_model(path: Path, config: dict[str, Any] | None = None) -> tuple[torch.
         where = path.parent / CONFIG if (path.parent / CONFIG).is_file() else f"the config inside {path}"
         raise UserError(f"{path} does not match the model in {where} ({detail})") from None
     return model.eval(), config
+
+
+# ---------------------------------------------------------------------------------------------------
+# What `train.py --resume` and `--config` read.
+def read_recipe(path: str) -> dict[str, Any]:
+    """The flag: value pairs of a YAML or JSON recipe file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path} does not exist: give a YAML or JSON file of flag: value pairs")
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(file.read_text())
+        else:
+            import yaml
+
+            values = yaml.safe_load(file.read_text())
+    except Exception as e:  # a YAML or JSON syntax error: its own message says where
+        first = " ".join(str(e).split())[:200]
+        raise UserError(f"--config {path} cannot be read ({type(e).__name__}: {first})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold flag: value pairs (a mapping), not {type(values).__name__}")
+    return values
+
+
+def resume_checkpoint(path: Path) -> dict[str, Any]:
+    checkpoint = utils.load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not checkpoint.get("rng") or "config" not in checkpoint:
+        raise UserError(f"--resume {path} holds no training state (only weights): resume from a run's last.pth")
+    return checkpoint
+
+
+def find_resumed_run(target: Path) -> tuple[Path, dict[str, Any], dict[int | None, Path]]:
+    """(the run's directory, its config, {fold: the checkpoint given}) for `--resume target`."""
+    if target.is_file():
+        config = resume_checkpoint(target)["config"]
+        kfold = is_fold_of_kfold_run(config)
+        return (target.parent.parent if kfold else target.parent), config, {config.get("fold_index"): target}
+    if (target / "last.pth").is_file():
+        config = resume_checkpoint(target / "last.pth")["config"]
+        return (target.parent if is_fold_of_kfold_run(config) else target), config, {}
+    folds = fold_dirs(target)
+    if (target / CONFIG).is_file() and read_config(target).get("fold") == "all":
+        return target, read_config(target), {}
+    if folds:  # a k-fold run without its own config.json: the first fold's, for the whole run
+        return target, {**read_config(folds[0]), "fold_index": None}, {}
+    raise UserError(f"--resume {target}: no checkpoint at {target / 'last.pth'}; give a run directory with last.pth")

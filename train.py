@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import difflib
 import functools
-import json
 import os
 import sys
 from argparse import Namespace
@@ -19,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import augmentation as augmentation_module
@@ -389,38 +387,6 @@ def check_args(args: Namespace) -> None:
         )
 
 
-def prepare_images(
-    data: torch.utils.data.Dataset, size: Sequence[int], args: Namespace
-) -> tuple[dict[str, str], cache_module.RamCache | cache_module.DiskCache | None]:
-    """Decode every image once before training, into the cache when there is one: stop with all unreadable
-    images listed, or drop them (--skip_bad_images). Returns ({path: reason} of dropped images, cache)."""
-    paths = [str(p) for p in data.image_paths]
-    decode = functools.partial(imaging.decode_fixed, size=tuple(size))
-    workers = args.num_workers + 1  # the loader workers do not exist yet: use their cores
-    kind = cache_module.choose_kind(args.cache, len(paths), size)
-    if kind == "none":
-        cache, bad = None, cache_module.find_unreadable(paths, decode, workers)
-    else:
-        cache = cache_module.build_cache(kind, paths, size, decode, workers, args.cache_dir)
-        bad = cache.bad
-        print(cache.report)
-    if not bad:
-        return bad, cache
-    listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
-    if not args.skip_bad_images:
-        raise UserError(
-            f"{len(bad)} image(s) cannot be read: {listing}. Replace or remove them, or pass --skip_bad_images"
-        )
-    print(
-        f"warning: skipping {len(bad)} unreadable image(s), listed in the run's bad_images.tsv: {listing}",
-        file=sys.stderr,
-    )
-    if cache is not None:
-        cache.keep(np.array([p not in bad for p in paths]))
-    data.remove(bad)
-    return bad, cache
-
-
 SCHEDULE_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "scheduler", "warmup_epochs")
 UNSET = object()  # the default of every flag when finding out which were given (not a str: argparse converts those)
 
@@ -438,29 +404,9 @@ def given_flags(argv: Sequence[str]) -> set[str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Recipes: --config FILE sets defaults; the command line still wins.
-def read_recipe(path: str) -> dict[str, Any]:
-    """The flag: value pairs of a YAML or JSON recipe file."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--config {path} does not exist: give a YAML or JSON file of flag: value pairs")
-    try:
-        if file.suffix.lower() == ".json":
-            values = json.loads(file.read_text())
-        else:
-            import yaml
-
-            values = yaml.safe_load(file.read_text())
-    except Exception as e:  # a YAML or JSON syntax error: its own message says where
-        first = " ".join(str(e).split())[:200]
-        raise UserError(f"--config {path} cannot be read ({type(e).__name__}: {first})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path} must hold flag: value pairs (a mapping), not {type(values).__name__}")
-    return values
-
-
 def recipe_argv(path: str) -> list[str]:
     """A recipe as command-line words, to be put before the given ones (so that those win)."""
-    values, flags = read_recipe(path), flag_defaults()
+    values, flags = rundir.read_recipe(path), flag_defaults()
     unknown = [k for k in values if k not in flags and k not in rundir.DATA_FACTS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), list(flags), n=1, cutoff=0.5)
@@ -495,33 +441,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Namespace:
 
 # ---------------------------------------------------------------------------------------------------
 # Resume: a run directory, a k-fold run (or any of its folds), or a checkpoint.
-def resume_checkpoint(path: Path) -> dict[str, Any]:
-    checkpoint = utils.load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not checkpoint.get("rng") or "config" not in checkpoint:
-        raise UserError(f"--resume {path} holds no training state (only weights): resume from a run's last.pth")
-    return checkpoint
-
-
-def find_resumed_run(target: Path) -> tuple[Path, dict[str, Any], dict[int | None, Path]]:
-    """(the run's directory, its config, {fold: the checkpoint given}) for `--resume target`."""
-    if target.is_file():
-        config = resume_checkpoint(target)["config"]
-        kfold = rundir.is_fold_of_kfold_run(config)
-        return (target.parent.parent if kfold else target.parent), config, {config.get("fold_index"): target}
-    if (target / "last.pth").is_file():
-        config = resume_checkpoint(target / "last.pth")["config"]
-        return (target.parent if rundir.is_fold_of_kfold_run(config) else target), config, {}
-    folds = rundir.fold_dirs(target)
-    if (target / rundir.CONFIG).is_file() and rundir.read_config(target).get("fold") == "all":
-        return target, rundir.read_config(target), {}
-    if folds:  # a k-fold run without its own config.json: the first fold's, for the whole run
-        return target, {**rundir.read_config(folds[0]), "fold_index": None}, {}
-    raise UserError(f"--resume {target}: no checkpoint at {target / 'last.pth'}; give a run directory with last.pth")
-
-
 def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, dict[int | None, Path]]:
     """For --resume: (the run's flags overridden by those given now, its directory, {fold: checkpoint given})."""
-    run_dir, config, given_checkpoints = find_resumed_run(Path(args.resume))
+    run_dir, config, given_checkpoints = rundir.find_resumed_run(Path(args.resume))
     given = given_flags(argv) - {"resume"}
     merged = {k: config[k] for k in vars(args) if k in config}
     merged.update({k: getattr(args, k) for k in given})
@@ -627,7 +549,10 @@ def train(
     aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
     mean, std = normalization(args, data, aug_cls)
     aug = aug_cls(resize=args.resize, mean=mean, std=std)
-    bad_images, cache = prepare_images(data, aug.load_size, args)
+    decode = functools.partial(imaging.decode_fixed, size=tuple(aug.load_size))
+    bad_images, cache = cache_module.prepare_images(
+        data, decode, aug.load_size, args.cache, args.num_workers + 1, args.cache_dir, args.skip_bad_images
+    )  # workers: the loader's do not exist yet, so their cores decode
     run_dir = resumed
     if run_dir is None:  # rank 0 names the run; every rank writes (only rank 0) into that one directory
         name = str(rundir.increment_path(Path(args.model_dir) / args.name)) if utils.rank() == 0 else None
@@ -662,7 +587,7 @@ def train_folds(
         checkpoint = None
         if checkpoints is not None:
             path = checkpoints.get(fold, fold_dir / "last.pth")
-            checkpoint = resume_checkpoint(path) if path.is_file() else None
+            checkpoint = rundir.resume_checkpoint(path) if path.is_file() else None
         if checkpoint is not None and checkpoint.get("finished") and kfold:
             print(f"Fold {fold} of {config['n_splits']}: finished in {fold_dir}")
             results.append(engine.fold_result(checkpoint))
