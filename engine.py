@@ -679,7 +679,7 @@ class Trainer:
 
         report.log_epoch(
             self.writer, row, val_set.targets, val_preds, self.data.class_names, first_val_images,
-            config["mean"], config["std"],
+            config["mean"], config["std"], figures=row["best"],
         )  # fmt: skip
         if row["best"]:
             self.save("best.pth", weights)

@@ -85,16 +85,12 @@ def class_report(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[s
 
 def confusion_figure(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> Any:
     """A matplotlib heat map of the confusion matrix, rows normalized to recall, counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = len(class_names)
     cm = utils.confusion_matrix(targets, preds, k)
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = max(4.0, 0.45 * k + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = utils.figure((size, size))
+    ax = fig.subplots()
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
     ax.set_yticks(range(k), class_names, fontsize=7)
@@ -112,7 +108,6 @@ def confusion_figure(targets: np.ndarray, preds: np.ndarray, class_names: Sequen
                     fontsize=6,
                     color="white" if rates[i, j] > 0.5 else "black",
                 )
-    fig.tight_layout()
     return fig
 
 
@@ -125,9 +120,11 @@ def log_epoch(
     sample_images: Callable[[], torch.Tensor],
     mean: Sequence[float],
     std: Sequence[float],
+    figures: bool = True,
 ) -> None:
-    """TensorBoard for one epoch: every numeric metric of `row`, per-class F1, the confusion matrix, and a grid of
-    the first validation images titled with truth and prediction (`sample_images()` returns them, normalized)."""
+    """TensorBoard for one epoch: every numeric metric of `row` and per-class F1; with `figures` (the epochs whose
+    model best.pth takes: drawing costs about a second each) also the confusion matrix and a grid of the first
+    validation images titled with truth and prediction (`sample_images()` returns them, normalized)."""
     epoch = row["epoch"]
     for key, value in row.items():
         if key in ("epoch", "best") or not isinstance(value, (int, float)):
@@ -142,6 +139,8 @@ def log_epoch(
     # One tag per class (not add_scalars, which writes a run folder per class that TensorBoard lists as runs).
     for name, value in zip(class_names, utils.f1_per_class(val_targets, val_preds, len(class_names)), strict=True):
         writer.add_scalar(f"Val_f1_per_class/{name}", float(value), epoch)
+    if not figures:
+        return
     writer.add_figure("Val/confusion_matrix", confusion_figure(val_targets, val_preds, class_names), epoch)
     images = sample_images()
     titles = [f"truth {class_names[val_targets[i]]}\npred {class_names[val_preds[i]]}" for i in range(len(images))]

@@ -301,21 +301,23 @@ def library_versions() -> dict[str, str]:
 
 def image_grid(images: np.ndarray, titles: list[str], ncols: int = 4, colors: list[str] | None = None) -> Any:
     """A matplotlib Figure of HWC uint8 `images` with a title each, for TensorBoard's `add_figure`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.6 * nrows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
+    fig = figure((3 * ncols, 3.6 * nrows))
+    for i, ax in enumerate(fig.subplots(nrows, ncols, squeeze=False).flat):
         ax.axis("off")
         if i < n:
             ax.imshow(images[i])
             ax.set_title(titles[i], fontsize=8, color=(colors[i] if colors else "black"))
-    fig.tight_layout()
     return fig
+
+
+def figure(size: tuple[float, float]) -> Any:
+    """A matplotlib Figure outside pyplot (nothing left in pyplot's registry of open figures, no GUI backend),
+    laid out tightly when drawn."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="tight")
 
 
 # ---------------------------------------------------------------------------------------------------

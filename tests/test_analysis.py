@@ -63,3 +63,36 @@ def test_validation_predictions_and_worst_images_are_written_with_best_pth(run):
     assert "Val/worst" in events(run_dir).Tags()["images"]
     report = pd.read_csv(run_dir / "best_report.csv")
     assert len(report) == 18 and report["support"].sum() == config["val_images"]
+
+
+def test_epoch_figures_are_drawn_for_the_epochs_best_pth_takes_and_scalars_for_every_epoch(run):
+    run_dir, _ = run
+    accumulator, log = events(run_dir), pd.read_csv(run_dir / "log.csv")
+    best_epochs = log.loc[log["best"], "epoch"].tolist()
+    assert 0 < len(best_epochs) < len(log)  # this seed's run has an epoch that is not best: the test can tell
+    for tag in ("Val/confusion_matrix", "Val/predictions", "Val/worst"):
+        assert [e.step for e in accumulator.Images(tag)] == best_epochs, tag
+    assert [e.step for e in accumulator.Scalars("Val/f1")] == log["epoch"].tolist()
+
+
+def test_log_epoch_draws_figures_only_when_asked():
+    import numpy as np
+
+    import report
+
+    class Writer:
+        def __init__(self):
+            self.figures, self.scalars = [], []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append(tag)
+
+        def add_figure(self, tag, figure, step):
+            self.figures.append(tag)
+
+    targets, preds, names = np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"]
+    images = lambda: __import__("torch").zeros(3, 3, 8, 8)  # noqa: E731
+    for figures, expected in ((True, ["Val/confusion_matrix", "Val/predictions"]), (False, [])):
+        writer = Writer()
+        report.log_epoch(writer, {"epoch": 1, "val_f1": 0.5}, targets, preds, names, images, [0] * 3, [1] * 3, figures)
+        assert writer.figures == expected and "Val/f1" in writer.scalars and "Val_f1_per_class/b" in writer.scalars
