@@ -121,6 +121,7 @@ def add_data_flags(data: argparse._ArgumentGroup) -> None:
         help="age band edges in years: < YOUNG, YOUNG..OLD-1, >= OLD",
     )
 
+
 def add_loader_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--augmentation",

@@ -42,12 +42,12 @@ def test_quick_start_run_command_trains_and_writes_a_submission(tmp_path):
     steps = [s.strip() for s in quick_start()[0].split("&&")]
     assert steps[:2] == ["python3 -m venv .venv", ".venv/bin/pip install -r requirements.txt"]
     assert steps[2:] == [".venv/bin/python train.py", ".venv/bin/python inference.py"]
-    trained = run_script("train.py", cwd=tmp_path, timeout=600)
+    trained = run_script("train.py", cwd=tmp_path, timeout=600, isolated=True)
     assert trained.returncode == 0, trained.stderr
     assert "generating the demo data set in data/demo" in trained.stdout
     f1s = [float(m) for m in re.findall(r"val loss \S+ acc\s+\S+ f1 (\S+)", trained.stdout)]
     assert len(f1s) == 24 and max(f1s) > 0.3  # the default epochs; chance is about 0.05
-    inferred = run_script("inference.py", cwd=tmp_path, timeout=300)
+    inferred = run_script("inference.py", cwd=tmp_path, timeout=300, isolated=True)
     assert inferred.returncode == 0, inferred.stderr
     submission = pd.read_csv(tmp_path / "output/output.csv")
     info = pd.read_csv(tmp_path / "data/demo/eval/info.csv")
