@@ -1,7 +1,7 @@
 """One training run as an object: `RunState` holds everything a run is (model, EMA, optimizer, schedule,
 scaler, early stopping, epoch and step, best score, RNG states, the folds still to train); its `state_dict()`
-is the checkpoint and `load_state_dict()` is resume. `fit` trains one split with it; `evaluate` is the one
-prediction loop (validation, inference with ensembles and TTA, the distributed gather).
+is the checkpoint and `load_state_dict()` is resume. `fit` trains one split with it and validates through
+`predict.evaluate`, the prediction loop inference uses.
 
     python train.py --amp bf16 --scheduler onecycle --warmup_epochs 1 --ema 0.999 --mixup 0.2
     python train.py --cutmix 1.0 --cutmix_mode vertical --grad_accum 2 --clip_grad 5
@@ -12,17 +12,13 @@ The engine reads the run's config dict (resolved flags and data facts), never th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import random
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -36,37 +32,12 @@ import augmentation
 import dataset as dataset_module
 import loss as loss_module
 import model as model_module
+import predict
 import report
 import rundir
 import schedule as schedule_module
 import utils
 from utils import UserError
-
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Mixed precision
-def check_amp(amp: str, device: torch.device) -> None:
-    """Refuse a precision the device cannot run, with the alternative."""
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError(f"--amp fp16 needs a CUDA GPU (device is {device}); on a CPU use --amp bf16 or --amp off")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
-    if amp not in ("off", *AMP_DTYPES):
-        raise UserError(f"--amp {amp} is unknown: choose off, fp16 or bf16")
-
-
-def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """torch.autocast for `amp` (fp16/bf16) on `device`, or a no-op for off."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
-
-
-def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
-    """A GradScaler, active only for fp16 (bf16 has fp32's range and needs no loss scaling)."""
-    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,60 +81,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.per_rank - self.start
 
 
-class StopRequest:
-    """Catch SIGINT/SIGTERM during training: the current step finishes, then the loop saves and exits.
-
-    A second signal stops at once (the default handler), for a run that does not react."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal} received: finishing this step, then saving last.pth", file=sys.stderr, flush=True)
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-
 # ---------------------------------------------------------------------------------------------------
-# Resume and compile
-def rng_state() -> dict[str, Any]:
-    """Every random generator's state, in types a weights_only checkpoint can hold."""
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),
-        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np_state = state["numpy"]
-    np.random.set_state(
-        {
-            **np_state,
-            "state": {"key": np.array(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]},
-        }
-    )
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# Compile
 
 
 def maybe_compile(model: nn.Module, enabled: bool, resize: Sequence[int], device: torch.device) -> nn.Module:
@@ -263,7 +182,7 @@ class RunState:
             "rows": self.rows,
             "folds_left": list(self.folds_left),
             "finished": self.finished,
-            "rng": rng_state() if rng else None,
+            "rng": utils.rng_state() if rng else None,
             "config": self.config,
         }
 
@@ -282,7 +201,7 @@ class RunState:
         self.best_probs, self.val_idx = state.get("best_probs"), list(state.get("val_idx", []))
         self.folds_left, self.finished = list(state.get("folds_left", [])), bool(state.get("finished"))
         if state.get("rng"):
-            set_rng_state(state["rng"])
+            utils.set_rng_state(state["rng"])
 
     def new_progress(self, epoch: int) -> dict[str, Any]:
         self.progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
@@ -314,14 +233,14 @@ def train_one_epoch(
     device: torch.device,
     num_classes: int,
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    stop: StopRequest | None = None,
+    stop: utils.StopRequest | None = None,
 ) -> bool:
     """Train `model` (the state's model, maybe wrapped) over `loader`, accumulating into `state.progress`
     (step, steps, loss_sum, preds, targets: what a resumed epoch needs to continue its metrics). Returns False
     when `stop` interrupted the epoch."""
     model.train()
     progress, optimizer = state.progress, state.optimizer
-    scaler = state.scaler or make_scaler("off", device)
+    scaler = state.scaler or predict.make_scaler("off", device)
     accum, mixing = settings.grad_accum, settings.mixup > 0 or settings.cutmix > 0
     bar = tqdm(loader, desc=f"epoch {progress['epoch']}", leave=False, disable=not sys.stderr.isatty())
     optimizer.zero_grad(set_to_none=True)
@@ -334,7 +253,7 @@ def train_one_epoch(
         mixed, soft = augmentation.mix_batch(
             images, targets, num_classes, settings.mixup, settings.cutmix, settings.cutmix_mode, settings.mix_prob
         )
-        with autocast(settings.amp, device):
+        with predict.autocast(settings.amp, device):
             outputs = model(mixed)
             loss = criterion(outputs.float(), soft if mixing else targets)
         scaler.scale(loss / accum).backward()
@@ -361,78 +280,6 @@ def train_one_epoch(
         if progress["step"] % accum == 0 and utils.any_rank(bool(stop)):  # all ranks stop at the same step
             return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------------
-# The one prediction loop.
-@dataclass
-class Evaluation:
-    """What `evaluate` returns: raw outputs of the untouched view, class probabilities averaged over the views,
-    and, with targets, loss (with a criterion), accuracy and macro F1."""
-
-    outputs: torch.Tensor
-    probs: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def gather_in_order(part: torch.Tensor) -> torch.Tensor:
-    """Every rank's share of a strided split (rank r holds items r, r + world, ...) back in item order."""
-    parts = utils.gather_objects(part)
-    if len(parts) == 1:
-        return part
-    out = torch.empty(sum(len(p) for p in parts), *part.shape[1:], dtype=part.dtype)
-    for r, p in enumerate(parts):
-        out[r :: len(parts)] = p
-    return out
-
-
-def rank_share(subset: torch.utils.data.Dataset, rank: int, world: int) -> torch.utils.data.Dataset:
-    """This rank's items of `subset` for `evaluate`: every world-th one, so the gather restores the order."""
-    return subset if world == 1 else torch.utils.data.Subset(subset, range(rank, len(subset), world))
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Any,
-    device: torch.device,
-    *,
-    views: Sequence[str] = ("identity",),
-    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    amp: str = "off",
-    criterion: nn.Module | None = None,
-    targets: Sequence[int] | None = None,
-    num_classes: int | None = None,
-    progress: str | None = None,
-) -> Evaluation:
-    """Predict every batch `(images, _)` of `loader` in order, each TTA view (augmentation.VIEWS, taken after
-    `batch_transform`, the normalization the loader left to the device) in its own forward pass. Under torchrun
-    the loader holds this rank's `rank_share` and the result is every rank's, gathered in order."""
-    model.eval()
-    outputs, probs = [], []
-    for images, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None or not sys.stderr.isatty()):
-        images = images.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images = batch_transform(images)
-        total = torch.zeros(())
-        for k, name in enumerate(views):
-            with autocast(amp, device):
-                out = model(augmentation.VIEWS[name](images)).float().cpu()
-            if k == 0:
-                outputs.append(out)
-            total = total + torch.softmax(model_module.to_class_logits(out, model), dim=1)
-        probs.append(total / len(views))
-    result = Evaluation(gather_in_order(torch.cat(outputs)), gather_in_order(torch.cat(probs)))
-    if targets is not None:
-        truth = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-        preds = result.probs.argmax(1).numpy()
-        result.metrics = {
-            "acc": float((preds == truth.numpy()).mean()),
-            "f1": utils.macro_f1(truth.numpy(), preds, num_classes),
-        }
-        if criterion is not None:
-            result.metrics["loss"] = criterion(result.outputs.to(device), truth.to(device)).item()
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,7 +354,7 @@ def build_split(
         np.asarray(val_idx),
         sampler,
         make_loader(train_set, settings.batch_size, settings, device, sampler),
-        make_loader(rank_share(val_set, rank, world), settings.valid_batch_size, settings, device),
+        make_loader(predict.rank_share(val_set, rank, world), settings.valid_batch_size, settings, device),
         batch_transform,
         eval_batch_transform,
     )
@@ -541,7 +388,7 @@ def build_state(config: dict[str, Any], split: Split, num_classes: int, device: 
         optimizer,
         schedule,
         config,
-        scaler=make_scaler(config.get("amp", "off"), device),
+        scaler=predict.make_scaler(config.get("amp", "off"), device),
         stopper=utils.EarlyStopping(config.get("patience", 0)),
         ema=schedule_module.make_ema(model, config["ema"]) if config.get("ema") else None,
         val_idx=split.val_idx.tolist(),
@@ -599,7 +446,7 @@ class Trainer:
             state = self.state.state_dict(weights, rng=name == "last.pth")
             utils.save_checkpoint(self.run_dir / name, **state)
 
-    def train_epoch(self, epoch: int, stop: StopRequest) -> dict[str, float] | None:
+    def train_epoch(self, epoch: int, stop: utils.StopRequest) -> dict[str, float] | None:
         """One pass over the training split (or the rest of it, after a resume); None when stopped."""
         start, s = time.time(), self.state
         progress = s.progress if s.progress is not None else s.new_progress(epoch)
@@ -623,14 +470,16 @@ class Trainer:
             "time_s": progress["time_s"],
         }
 
-    def validate(self, net: nn.Module, name: str) -> Evaluation:
-        return evaluate(
+    def validate(self, net: nn.Module, name: str) -> predict.Evaluation:
+        return predict.evaluate(
             net, self.split.val_loader, self.device, batch_transform=self.split.eval_batch_transform,
             amp=self.settings.amp, criterion=self.criterion, targets=self.split.val_set.targets,
             num_classes=self.num_classes, progress=name,
         )  # fmt: skip
 
-    def validate_epoch(self, epoch: int, train: dict[str, float]) -> tuple[dict[str, Any], Evaluation, nn.Module]:
+    def validate_epoch(
+        self, epoch: int, train: dict[str, float]
+    ) -> tuple[dict[str, Any], predict.Evaluation, nn.Module]:
         """The epoch's row of log.csv, the chosen weights' evaluation and those weights (raw, or EMA when better)."""
         start, metric = time.time(), self.settings.eval_metric
         chosen, weights = self.validate(self.train_model, "validation"), self.state.model
@@ -652,7 +501,7 @@ class Trainer:
         )
         return row, chosen, weights
 
-    def end_epoch(self, row: dict[str, Any], chosen: Evaluation, weights: nn.Module) -> bool:
+    def end_epoch(self, row: dict[str, Any], chosen: predict.Evaluation, weights: nn.Module) -> bool:
         """Record the epoch in the state and on disk; True when early stopping ends the run."""
         s, score = self.state, score_of(chosen.metrics, self.settings.eval_metric)
         s.rows.append(row)
@@ -666,7 +515,7 @@ class Trainer:
             self.report_epoch(row, chosen, weights)
         return stopping
 
-    def report_epoch(self, row: dict[str, Any], chosen: Evaluation, weights: nn.Module) -> None:
+    def report_epoch(self, row: dict[str, Any], chosen: predict.Evaluation, weights: nn.Module) -> None:
         val_set, config = self.split.val_set, self.state.config
         report.write_log(self.run_dir / "log.csv", self.state.rows)
         val_preds = chosen.probs.argmax(1).numpy()
@@ -693,7 +542,7 @@ class Trainer:
         """Train the remaining epochs; False when a signal stopped training (last.pth holds where)."""
         s = self.state
         first = s.progress["epoch"] if s.progress else s.epoch + 1
-        with StopRequest() as stop:
+        with utils.StopRequest() as stop:
             for epoch in range(first, self.settings.epochs + 1):
                 train = self.train_epoch(epoch, stop)
                 if train is None:

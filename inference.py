@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 import augmentation as augmentation_module
 import cache as cache_module
 import dataset as dataset_module
-import engine
 import imaging
+import predict
 import rundir
 import utils
 from utils import UserError
@@ -273,7 +273,7 @@ def check_images(images: dataset_module.EvalImages, load_size: Sequence[int], nu
 def predict_member(
     model: torch.nn.Module, aug: Any, images: dataset_module.EvalImages, args: Namespace, device: torch.device
 ) -> np.ndarray:
-    """One model's class probabilities for every image, averaged over the TTA views (engine.evaluate)."""
+    """One model's class probabilities for every image, averaged over the TTA views (predict.evaluate)."""
     transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
     loader = DataLoader(
         images.dataset(transform, aug.load_size),
@@ -283,7 +283,7 @@ def predict_member(
         pin_memory=device.type == "cuda",
     )
     views = augmentation_module.tta_views(args.tta)
-    result = engine.evaluate(
+    result = predict.evaluate(
         model.to(device), loader, device, views=views, batch_transform=batch_transform, progress="inference"
     )
     model.cpu()  # one model on the accelerator at a time

@@ -141,11 +141,13 @@ def log_epoch(
         writer.add_scalar(f"Val_f1_per_class/{name}", float(value), epoch)
     if not figures:
         return
-    writer.add_figure("Val/confusion_matrix", confusion_figure(val_targets, val_preds, class_names), epoch)
+    writer.add_image("Val/confusion_matrix", utils.render(confusion_figure(val_targets, val_preds, class_names)),
+                     epoch, dataformats="HWC")  # fmt: skip
     images = sample_images()
     titles = [f"truth {class_names[val_targets[i]]}\npred {class_names[val_preds[i]]}" for i in range(len(images))]
     colors = ["green" if val_preds[i] == val_targets[i] else "red" for i in range(len(images))]
-    writer.add_figure("Val/predictions", utils.image_grid(denormalize(images, mean, std), titles, colors=colors), epoch)
+    grid = utils.image_grid(denormalize(images, mean, std), titles, colors=colors)
+    writer.add_image("Val/predictions", grid, epoch, dataformats="HWC")
 
 
 def predictions_table(data: Any, indices: np.ndarray, targets: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
@@ -173,8 +175,8 @@ def save_table(table: pd.DataFrame, path: Path) -> None:
 
 def worst_figure(
     table: pd.DataFrame, class_names: Sequence[str], pixels: Callable[[int], np.ndarray], n: int = 16
-) -> Any:
-    """The `n` validation images with the highest loss, each titled with truth, prediction and loss;
+) -> np.ndarray:
+    """The `n` validation images with the highest loss in a grid (HWC uint8), titled with truth, prediction and loss;
     `pixels(i)` is the image of the table's row i (the validation set's, so a cache is reused)."""
     worst = table.nlargest(n, "loss")
     images = np.stack([pixels(int(i)) for i in worst.index])
@@ -200,10 +202,12 @@ def write_best_reports(
     save_table(class_report(targets, probs.argmax(1), data.class_names), run_dir / "best_report.csv")
     table = predictions_table(data, indices, targets, probs)
     save_table(table, run_dir / "val_predictions.csv")
-    figure = worst_figure(table, data.class_names, pixels)
-    utils.atomic_write(run_dir / "worst_val.png", lambda f: figure.savefig(f, format="png", dpi=80), binary=True)
+    from PIL import Image
+
+    worst = worst_figure(table, data.class_names, pixels)
+    utils.atomic_write(run_dir / "worst_val.png", lambda f: Image.fromarray(worst).save(f, format="png"), binary=True)
     if writer is not None:
-        writer.add_figure("Val/worst", figure, epoch)
+        writer.add_image("Val/worst", worst, epoch, dataformats="HWC")
 
 
 def log_hparams(writer: Any, config: dict[str, Any], metrics: dict[str, float]) -> None:

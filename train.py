@@ -28,6 +28,7 @@ import engine
 import imaging
 import loss as loss_module
 import model as model_module
+import predict
 import report
 import rundir
 import schedule
@@ -541,7 +542,7 @@ def train(
     world: int,
     device: torch.device,
 ) -> Path:
-    engine.check_amp(args.amp, device)
+    predict.check_amp(args.amp, device)
     data_dir = demo.resolve_train_dir(args.data_dir, files_ok=args.dataset == "CSVDataset")
     utils.seed_everything(args.seed)
     data_cls = dataset_classes()[args.dataset]

@@ -87,7 +87,8 @@ def test_log_epoch_draws_figures_only_when_asked():
         def add_scalar(self, tag, value, step):
             self.scalars.append(tag)
 
-        def add_figure(self, tag, figure, step):
+        def add_image(self, tag, image, step, dataformats):
+            assert image.dtype.name == "uint8" and image.ndim == 3 and image.shape[2] == 3 and dataformats == "HWC"
             self.figures.append(tag)
 
     targets, preds, names = np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"]

@@ -13,9 +13,9 @@ import torch
 
 import augmentation
 import dataset
-import engine
 import labels
 import model as model_module
+import predict
 import utils
 from conftest import tiny_run_args
 
@@ -67,7 +67,7 @@ def test_gathered_validation_covers_every_image_once_and_equals_a_single_process
     aug = aug_cls(config["resize"], config["mean"], config["std"])
     subset = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
     loader = torch.utils.data.DataLoader(subset, batch_size=8)
-    preds = engine.evaluate(net, loader, torch.device("cpu")).probs.argmax(1).numpy()
+    preds = predict.evaluate(net, loader, torch.device("cpu")).probs.argmax(1).numpy()
     log = pd.read_csv(run / "log.csv")
     best = log.loc[log["best"], "val_f1"].iloc[-1]
     assert utils.macro_f1(subset.targets, preds, 18) == pytest.approx(best)

@@ -13,9 +13,9 @@ import torch
 import augmentation
 import dataset
 import demo
-import engine
 import labels
 import model
+import predict
 import utils
 from conftest import run_script
 
@@ -75,7 +75,7 @@ def test_logged_validation_f1_is_over_every_validation_image(trained, demo_root)
     _, val_idx = data.split_dataset()
     val = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
     loader = torch.utils.data.DataLoader(val, batch_size=5)
-    result = engine.evaluate(net, loader, torch.device("cpu"), targets=val.targets)
+    result = predict.evaluate(net, loader, torch.device("cpu"), targets=val.targets)
     assert result.probs.shape == (21, 18)  # the multi-head default's three heads -> 18 classes
     f1 = result.metrics["f1"]
     assert f1 == pytest.approx(utils.macro_f1(val.targets, result.probs.argmax(1).numpy(), 18))

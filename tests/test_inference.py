@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader
 
 import augmentation
 import dataset
-import engine
 import inference
 import labels
 import model
+import predict
 import rundir
 from conftest import run_script, tiny_run_args
 
@@ -144,9 +144,9 @@ def test_identity_view_equals_no_tta(loaded):
     outputs = torch.cat([net(images) for images, _ in loader])
     reference = torch.softmax(model.to_class_logits(outputs, net), 1)
     assert augmentation.tta_views(["none"]) == ("identity",)
-    plain = engine.evaluate(net, loader, cpu, views=augmentation.tta_views(["none"])).probs
+    plain = predict.evaluate(net, loader, cpu, views=augmentation.tta_views(["none"])).probs
     assert torch.equal(plain, reference)
-    assert torch.equal(engine.evaluate(net, loader, cpu, views=("identity", "identity")).probs, plain)
+    assert torch.equal(predict.evaluate(net, loader, cpu, views=("identity", "identity")).probs, plain)
 
 
 def test_tta_averages_the_probabilities_of_its_views(loaded):
@@ -154,9 +154,9 @@ def test_tta_averages_the_probabilities_of_its_views(loaded):
     cpu = torch.device("cpu")
     views = augmentation.tta_views(["flip"])
     assert views == ("identity", "hflip")
-    each = [engine.evaluate(net, loader, cpu, views=(v,)).probs for v in views]
+    each = [predict.evaluate(net, loader, cpu, views=(v,)).probs for v in views]
     assert not torch.allclose(each[0], each[1], atol=1e-6), "a mirrored face gives the model other inputs"
-    torch.testing.assert_close(engine.evaluate(net, loader, cpu, views=views).probs, (each[0] + each[1]) / 2)
+    torch.testing.assert_close(predict.evaluate(net, loader, cpu, views=views).probs, (each[0] + each[1]) / 2)
     assert len(augmentation.tta_views(["flip_shift", "flip_zoom"])) == 8, "views shared by presets run once"
 
 
