@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 import augmentation as augmentation_module
 import cache as cache_module
 import dataset as dataset_module
+import evaldata
 import imaging
 import predict
 import rundir
@@ -187,7 +188,7 @@ def build_augmentation(config: dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Eval data in any layout (read by dataset.find_eval_images).
+# Eval data in any layout (read by evaldata.find_eval_images).
 def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
     """The given eval data, else the competition default, else `eval/` beside the run's `train/images`."""
     if data_dir:
@@ -261,7 +262,7 @@ def check_members(args: Namespace) -> list[Member]:
     return members
 
 
-def check_images(images: dataset_module.EvalImages, load_size: Sequence[int], num_workers: int) -> None:
+def check_images(images: evaldata.EvalImages, load_size: Sequence[int], num_workers: int) -> None:
     decode = functools.partial(imaging.decode_fixed, size=tuple(load_size))
     bad = cache_module.find_unreadable([str(p) for p in images.image_paths], decode, workers=num_workers + 1)
     if bad:
@@ -271,7 +272,7 @@ def check_images(images: dataset_module.EvalImages, load_size: Sequence[int], nu
 
 
 def predict_member(
-    model: torch.nn.Module, aug: Any, images: dataset_module.EvalImages, args: Namespace, device: torch.device
+    model: torch.nn.Module, aug: Any, images: evaldata.EvalImages, args: Namespace, device: torch.device
 ) -> np.ndarray:
     """One model's class probabilities for every image, averaged over the TTA views (predict.evaluate)."""
     transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
@@ -293,7 +294,7 @@ def predict_member(
 def main(args: Namespace) -> Path:
     members = check_members(args)
     config = members[0].config
-    images = dataset_module.find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
+    images = evaldata.find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
     device = utils.select_device(args.device)
     # Every checkpoint is loaded (on the CPU) before anything is written, so a bad run fails without output.
     used = [m for m in members if m.weight > 0]

@@ -43,6 +43,7 @@ def test_resize_is_height_then_width(demo_root, tmp_path):
     """--resize H W gives (H, W) tensors in training and the same size in inference, from the run's config."""
     import augmentation
     import dataset
+    import evaldata
     import inference
 
     args = train.get_parser().parse_args(["--resize", "40", "24"])
@@ -54,7 +55,7 @@ def test_resize_is_height_then_width(demo_root, tmp_path):
     config = {"augmentation": "FaceAugmentation", "resize": [40, 24], "mean": [0.5] * 3, "std": [0.2] * 3}
     eval_aug = inference.build_augmentation(config)
     transform, batch = augmentation.split_for_device(eval_aug.eval_transform)
-    x = dataset.TestDataset(demo_root / "eval", transform, eval_aug.load_size)[0][0]
+    x = evaldata.TestDataset(demo_root / "eval", transform, eval_aug.load_size)[0][0]
     assert (batch(x[None]) if batch is not None else x[None]).shape == (1, 3, 40, 24)
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import dataset
+import evaldata
 import imaging
 import labels
 import splits
@@ -213,7 +214,7 @@ def test_inference_and_the_folder_dataset_accept_the_same_files(tmp_path):
             (root / name / hidden).write_bytes(b"")
     save_image(root / ".trash" / "f.jpg")  # a hidden folder is no class either
     folders = dataset.ImageFolderDataset(root)
-    found = dataset.find_eval_images(root, None, {})
+    found = evaldata.find_eval_images(root, None, {})
     expected = sorted(f"{name}/{file}" for name in ("cat", "dog") for file in kept)
     assert sorted(p.relative_to(root).as_posix() for p in folders.image_paths) == expected
     assert found.image_ids == expected and sorted(found.image_paths) == sorted(folders.image_paths)

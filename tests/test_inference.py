@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import augmentation
-import dataset
+import evaldata
 import inference
 import labels
 import model
@@ -134,7 +134,7 @@ def loaded(runs, demo_root):
     """Run a's model and a loader over the demo eval images through its eval transform."""
     net, config = rundir.load_model(runs["a"] / "best.pth")
     aug = inference.build_augmentation(config)
-    test_set = dataset.TestDataset(demo_root / "eval", aug.eval_transform, aug.load_size)
+    test_set = evaldata.TestDataset(demo_root / "eval", aug.eval_transform, aug.load_size)
     return net, DataLoader(test_set, batch_size=5)
 
 

@@ -75,7 +75,7 @@ def test_early_stopping():
 def test_find_class_accepts_only_classes_defined_in_the_module():
     import dataset
 
-    assert utils.find_class(dataset, "TestDataset", "--dataset") is dataset.TestDataset
+    assert utils.find_class(dataset, "CSVDataset", "--dataset") is dataset.CSVDataset
     with pytest.raises(utils.UserError, match="Valid names"):
         utils.find_class(dataset, "Dataset", "--dataset")  # imported from torch, not defined there
 

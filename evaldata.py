@@ -1,0 +1,123 @@
+"""The images inference.py predicts, in submission order: the competition's eval folder (`info.csv` and
+`images/`), any folder of images, or a CSV of image paths.
+
+    python inference.py --data_dir /data/eval                 # info.csv order, ImageID,ans
+    python inference.py --data_dir /data/photos               # every image under the folder, sorted
+    python inference.py --data_dir list.csv --image_column file
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+from torch.utils.data import Dataset
+
+import dataset
+import imaging
+import utils
+from utils import UserError
+
+
+class TestDataset(Dataset):
+    """The images of `{eval_dir}/info.csv` (column ImageID) in `{eval_dir}/images`, in the CSV's order."""
+
+    def __init__(
+        self, eval_dir: str | os.PathLike, transform: Callable | None = None, size: Sequence[int] | None = None
+    ) -> None:
+        self.eval_dir = Path(eval_dir)
+        info_path = self.eval_dir / "info.csv"
+        if not info_path.is_file():
+            raise UserError(f"{info_path} does not exist: pass the eval directory (with info.csv) as --data_dir")
+        try:
+            self.info = pd.read_csv(info_path, dtype={"ImageID": str})
+        except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            raise UserError(f"{info_path} is not a readable CSV ({e}): restore the competition's info.csv") from None
+        if "ImageID" not in self.info.columns:
+            raise UserError(f"{info_path} has no ImageID column (columns: {', '.join(self.info.columns)})")
+        self.image_ids = self.info["ImageID"].tolist()
+        self.image_paths = [self.eval_dir / "images" / i for i in self.image_ids]
+        missing = [str(p) for p in self.image_paths if not p.is_file()]
+        if missing:
+            raise UserError(
+                f"{len(missing)} ImageID(s) of {info_path} have no image: {utils.listing(missing)}; "
+                "every listed image needs a prediction, so restore them"
+            )
+        self.transform = transform
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.size is None:
+            image = imaging.load_image(self.image_paths[index])
+        else:
+            image = Image.fromarray(imaging.decode_fixed(self.image_paths[index], self.size))
+        return (self.transform(image) if self.transform else image), index
+
+
+class ImageListDataset(Dataset):
+    """Given image paths, in order, decoded at `size` (H, W) and transformed, as TestDataset reads info.csv's."""
+
+    def __init__(self, image_paths: Sequence[Path], transform: Callable, size: Sequence[int]) -> None:
+        self.image_paths = list(image_paths)
+        self.transform = transform
+        self.size = tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(imaging.decode_fixed(self.image_paths[index], self.size))
+        return self.transform(image), index
+
+
+@dataclass
+class EvalImages:
+    """The images to predict, in submission order: their ImageIDs, paths, and where they came from."""
+
+    source: Path  # the eval folder, image folder or CSV file
+    image_ids: list[str]
+    image_paths: list[Path]
+    competition: bool  # info.csv layout: read through TestDataset, scored against truth.csv
+
+    def dataset(self, transform: Callable, size: Sequence[int]) -> Dataset:
+        """The images as a dataset of (transformed image, index) at decoding size `size` (H, W)."""
+        if self.competition:
+            return TestDataset(self.source, transform, size)
+        return ImageListDataset(self.image_paths, transform, size)
+
+
+def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any]) -> EvalImages:
+    """The images of `path` in the competition layout (info.csv), a folder of images, or a CSV of image paths
+    (column `image_column`, else the run's: `config` is its config.json)."""
+    if path.is_dir() and ((path / "info.csv").is_file() or (path / "images").is_dir()):
+        if not (path / "info.csv").is_file():  # the competition layout without its list of images
+            raise UserError(
+                f"{path / 'info.csv'} does not exist: pass the eval directory (with info.csv) as --data_dir, or "
+                f"{path / 'images'} to predict every image in it"
+            )
+        test_set = TestDataset(path)
+        return EvalImages(path, test_set.image_ids, test_set.image_paths, competition=True)
+    if path.is_dir():
+        paths = sorted(
+            (p for p in path.rglob("*") if p.is_file() and dataset.is_image(p, path)), key=lambda p: p.as_posix()
+        )
+        if not paths:
+            raise UserError(
+                f"no images ({', '.join(dataset.IMG_EXTENSIONS)}) found under --data_dir {path}: pass an "
+                "eval folder with info.csv, a folder of images or a CSV file of image paths"
+            )
+        return EvalImages(path, [p.relative_to(path).as_posix() for p in paths], paths, competition=False)
+    if path.is_file():
+        table, column, paths = dataset.read_image_csv(path, image_column or config.get("image_column"))
+        return EvalImages(path, table[column].tolist(), paths, competition=False)
+    raise UserError(
+        f"--data_dir {path} does not exist: pass an eval folder with info.csv, a folder of images or a CSV file"
+    )
