@@ -168,7 +168,7 @@ def ensure_demo_data(root: str | os.PathLike = DEMO_DIR) -> Path:
     """The demo data set at `root`, generated once (with a message saying where) if it is not there yet."""
     root = Path(root)
     if not (root / "train/images").is_dir():
-        print(f"No data directory configured: generating the demo data set in {root} (once, ~20 s)", flush=True)
+        print(f"No data directory configured: generating the demo data set in {root} (once, ~30 s)", flush=True)
         make_demo_data(root)
     return root
 
