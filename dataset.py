@@ -120,7 +120,7 @@ def _check_train_csv(path: Path, images: pd.DataFrame) -> list[str]:
     try:
         table = pd.read_csv(path, dtype=str)
     except (OSError, ValueError, pd.errors.ParserError) as e:
-        return [f"{path} cannot be read ({e}); labels come from the folder names"]
+        return [f"{path} cannot be read ({utils.reason(e)}); labels come from the folder names"]
     if "path" not in table.columns:
         return [f"{path} has no 'path' column; labels come from the folder names"]
     listed, present = set(table["path"]), set(images["person"])
@@ -491,8 +491,9 @@ def read_image_csv(
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (ValueError, UnicodeDecodeError) as e:  # pandas' parser and empty-file errors are ValueErrors
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not a readable CSV file ({first}): pass a CSV file with a header row") from None
+        raise UserError(
+            f"{path} is not a readable CSV file ({utils.reason(e)}): pass a CSV file with a header row"
+        ) from None
     names = ", ".join(map(str, table.columns))
     tried = [column] if column else list(CSVDataset.IMAGE_COLUMNS)
     image_column = next((c for c in tried if c in table.columns), None)

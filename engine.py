@@ -95,7 +95,7 @@ def maybe_compile(model: nn.Module, enabled: bool, resize: Sequence[int], device
             compiled.eval()(torch.zeros(2, 3, *resize, device=device))
     except Exception as e:  # missing compiler toolchain, unsupported platform or op
         print(
-            f"warning: --compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:160]}); training without it",
+            f"warning: --compile failed here ({utils.reason(e, 160)}); training without it",
             file=sys.stderr,
         )
         return model

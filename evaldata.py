@@ -37,7 +37,9 @@ class TestDataset(Dataset):
         try:
             self.info = pd.read_csv(info_path, dtype={"ImageID": str})
         except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-            raise UserError(f"{info_path} is not a readable CSV ({e}): restore the competition's info.csv") from None
+            raise UserError(
+                f"{info_path} is not a readable CSV ({utils.reason(e)}): restore the competition's info.csv"
+            ) from None
         if "ImageID" not in self.info.columns:
             raise UserError(f"{info_path} has no ImageID column (columns: {', '.join(self.info.columns)})")
         self.image_ids = self.info["ImageID"].tolist()

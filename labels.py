@@ -159,7 +159,7 @@ def read_label_fixes(path: str | os.PathLike) -> list[LabelFix]:
         raise UserError(f"{name} does not exist: pass a CSV with the columns id,field,value") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(
-            f"{name} cannot be read ({e}): save it as a UTF-8 CSV with the columns id,field,value"
+            f"{name} cannot be read ({utils.reason(e)}): save it as a UTF-8 CSV with the columns id,field,value"
         ) from None
     records = [(row, cells) for row, cells in records if any(cells) and not cells[0].startswith("#")]
     if not records:

@@ -187,8 +187,7 @@ def class_from_file(spec: str, flag: str = "--model") -> type:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as e:  # the user's code: any error, reported with its file
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise UserError(f"{flag} {spec}: importing {file} failed ({type(e).__name__}: {first})") from None
+            raise UserError(f"{flag} {spec}: importing {file} failed ({utils.reason(e)})") from None
         sys.modules[module_name] = module  # DataLoader workers and torch.load find the class again
     cls = getattr(module, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
@@ -244,9 +243,8 @@ def _create_timm(name: str, pretrained: bool, flag: str = "--model", **kwargs: A
         if not pretrained:
             raise
         raise UserError(
-            f"could not get pretrained weights for {flag} {name} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); without a network, download them elsewhere and pass "
-            "--pretrained_path FILE"
+            f"could not get pretrained weights for {flag} {name} ({utils.reason(e)}); without a network, download "
+            "them elsewhere and pass --pretrained_path FILE"
         ) from None
 
 
@@ -313,7 +311,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--pretrained_path {path} cannot be read as weights ({type(e).__name__}: {e})") from None
+        raise UserError(
+            f"--pretrained_path {path} cannot be read as weights ({utils.reason(e)}): give a .pth, .pt or "
+            ".safetensors file of weights"
+        ) from None
     for key in ("model", "state_dict", "model_state_dict"):  # our checkpoints and common training scripts
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

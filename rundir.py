@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,14 @@ def increment_path(path: str | os.PathLike) -> Path:
             n += 1
 
 
+def remove_unused(run_dir: Path) -> None:
+    """Remove a run directory this process created when the run was refused before its first checkpoint (a bad
+    weights file, a flag that does not fit the data): a refused run leaves no directory behind to list or
+    resume. A directory holding any checkpoint is kept."""
+    if run_dir.is_dir() and not any(run_dir.rglob("*.pth")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def fold_dir(run_dir: Path, fold: int) -> Path:
     return run_dir / f"fold{fold}"
 
@@ -103,7 +112,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path} does not exist: pass a run directory written by train.py") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); retrain or restore it") from None
+        raise UserError(f"{path} is damaged ({utils.reason(e)}); retrain or restore it") from None
     return check_config(config, path)
 
 
@@ -195,7 +204,7 @@ def load_model(path: Path, config: dict[str, Any] | None = None) -> tuple[torch.
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        detail = " ".join(str(e).split())[:200]
+        detail = utils.reason(e)
         where = path.parent / CONFIG if (path.parent / CONFIG).is_file() else f"the config inside {path}"
         raise UserError(f"{path} does not match the model in {where} ({detail})") from None
     return model.eval(), config
@@ -216,8 +225,7 @@ def read_recipe(path: str) -> dict[str, Any]:
 
             values = yaml.safe_load(file.read_text())
     except Exception as e:  # a YAML or JSON syntax error: its own message says where
-        first = " ".join(str(e).split())[:200]
-        raise UserError(f"--config {path} cannot be read ({type(e).__name__}: {first})") from None
+        raise UserError(f"--config {path} cannot be read ({utils.reason(e)})") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold flag: value pairs (a mapping), not {type(values).__name__}")
     return values

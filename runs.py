@@ -83,7 +83,7 @@ def read_part(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnreadableRun(f"config.json cannot be read ({type(e).__name__}: {e})") from None
+        raise UnreadableRun(f"config.json cannot be read ({utils.reason(e)})") from None
     if not isinstance(config, dict):
         raise UnreadableRun("config.json does not hold an object of flags")
     try:
@@ -98,7 +98,7 @@ def read_part(folder: Path) -> dict[str, Any]:
         epochs = pd.to_numeric(log["epoch"], errors="raise")
         chosen = log["best"].astype(str).str.lower() == "true"  # the epochs that wrote best.pth
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError) as e:
-        raise UnreadableRun(f"log.csv cannot be read ({type(e).__name__}: {e})") from None
+        raise UnreadableRun(f"log.csv cannot be read ({utils.reason(e)})") from None
     if not chosen.any():
         raise UnreadableRun("log.csv has no finished epoch")
     best = int(chosen[chosen].index[-1])  # the last epoch that wrote best.pth: what best.pth holds
@@ -122,7 +122,7 @@ def oof_f1(run_dir: Path, config: dict[str, Any]) -> float:
         oof = pd.read_csv(path, usecols=["truth", "pred"])
         return utils.macro_f1(oof["truth"].to_numpy(), oof["pred"].to_numpy(), config.get("num_classes"))
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
-        print(f"warning: {path} cannot be read ({type(e).__name__}: {e}); its oof_f1 is left empty", file=sys.stderr)
+        print(f"warning: {path} cannot be read ({utils.reason(e)}); its oof_f1 is left empty", file=sys.stderr)
         return float("nan")
 
 
@@ -259,7 +259,7 @@ def read_predictions(run_dir: Path) -> tuple[pd.DataFrame, Path, list[str]]:
     try:
         table = pd.read_csv(path, dtype={"group": str, "path": str})  # ids keep their leading zeros
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); retrain the run to rewrite it") from None
+        raise UserError(f"{path} cannot be read ({utils.reason(e)}); retrain the run to rewrite it") from None
     class_names = [c[len("prob_") :] for c in table.columns if c.startswith("prob_") and c != "prob_truth"]
     missing = [c for c in ("path", "group", "truth") if c not in table]
     if missing or not class_names or table.empty:

@@ -559,11 +559,16 @@ def train(
     if run_dir is None:  # rank 0 names the run; every rank writes (only rank 0) into that one directory
         name = str(rundir.increment_path(Path(args.model_dir) / args.name)) if utils.rank() == 0 else None
         run_dir = Path(utils.broadcast_object(name))
-    config = run_config(args, data, aug, (mean, std), data_dir, run_dir, bad_images, world)
-    if utils.rank() == 0 and bad_images:
-        rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
-        utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))
-    return train_folds(config, data, aug, cache, run_dir, checkpoints if resumed else None, world, device)
+    try:
+        config = run_config(args, data, aug, (mean, std), data_dir, run_dir, bad_images, world)
+        if utils.rank() == 0 and bad_images:
+            rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
+            utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))
+        return train_folds(config, data, aug, cache, run_dir, checkpoints if resumed else None, world, device)
+    except UserError:
+        if resumed is None and utils.rank() == 0:
+            rundir.remove_unused(run_dir)
+        raise
 
 
 def train_folds(

@@ -49,10 +49,27 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
     try:
         main(args)
     except UserError as e:
-        # Raised in a DataLoader worker, the message arrives wrapped in the worker's traceback: keep its last line.
-        message = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """A UserError's message as the one line a script prints. Raised in a DataLoader worker, it arrives wrapped
+    in the worker's traceback: its last line is the message. Any other line break is folded into a space, so
+    nothing before it (the flag, the path) is lost."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if any(line.startswith(("Traceback (most recent", "Original Traceback")) for line in lines):
+        return lines[-1].removeprefix(f"{UserError.__module__}.").removeprefix(f"{UserError.__name__}: ")
+    return " ".join(lines)
+
+
+def reason(error: BaseException, limit: int = 200) -> str:
+    """`TypeName: message` of a library's exception, on one line and at most `limit` characters of message: the
+    part of an error line that says why, after the flag or path that says what."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,7 +290,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"checkpoint {path} does not exist: train first or pass another --model_dir") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); retrain or pick another run"
+            f"checkpoint {path} cannot be read ({reason(e)}): it is not a checkpoint of train.py, or damaged; retrain "
+            "or pick another run"
         ) from None
 
 
