@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 from torch.utils.data import Dataset
@@ -34,14 +35,7 @@ class TestDataset(Dataset):
         info_path = self.eval_dir / "info.csv"
         if not info_path.is_file():
             raise UserError(f"{info_path} does not exist: pass the eval directory (with info.csv) as --data_dir")
-        try:
-            self.info = pd.read_csv(info_path, dtype={"ImageID": str})
-        except (ValueError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-            raise UserError(
-                f"{info_path} is not a readable CSV ({utils.reason(e)}): restore the competition's info.csv"
-            ) from None
-        if "ImageID" not in self.info.columns:
-            raise UserError(f"{info_path} has no ImageID column (columns: {', '.join(self.info.columns)})")
+        self.info = read_id_table(info_path, (), "restore the competition's info.csv")
         self.image_ids = self.info["ImageID"].tolist()
         self.image_paths = [self.eval_dir / "images" / i for i in self.image_ids]
         missing = [str(p) for p in self.image_paths if not p.is_file()]
@@ -78,6 +72,47 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = Image.fromarray(imaging.decode_fixed(self.image_paths[index], self.size))
         return self.transform(image), index
+
+
+def read_id_table(path: Path, columns: str | Sequence[str], fix: str) -> pd.DataFrame:
+    """A CSV keyed by ImageID (info.csv, truth.csv) as strings, checked: readable, with the `columns`, and every
+    ImageID present once (a duplicate would give the submission a duplicate row); `fix` ends each message."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, OSError) as e:  # pandas' parser and empty-file errors are ValueErrors
+        raise UserError(f"{path} is not a readable CSV ({utils.reason(e)}): {fix}") from None
+    missing = [c for c in ("ImageID", *columns) if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)} column (columns: {', '.join(table.columns)}): {fix}")
+    ids = table["ImageID"]
+    if (ids.str.strip() == "").any():
+        rows = [str(i + 2) for i in np.flatnonzero(ids.str.strip() == "")]
+        raise UserError(f"{path} has rows without an ImageID (lines {utils.listing(rows)}): {fix}")
+    duplicated = ids[ids.duplicated()].unique().tolist()
+    if duplicated:
+        raise UserError(f"{path} lists {len(duplicated)} ImageID(s) twice: {utils.listing(duplicated)}: {fix}")
+    return table
+
+
+def read_truth(path: Path, image_ids: Sequence[str], num_classes: int) -> np.ndarray:
+    """The true class (truth.csv's `ans`) of every image of `image_ids`, in that order, checked: every image has
+    one, and it is an integer class index the model can predict (0 .. num_classes - 1)."""
+    fix = "correct truth.csv (ImageID,ans with integer classes) or remove it to skip scoring"
+    truth = read_id_table(path, "ans", fix).set_index("ImageID")["ans"].str.strip()
+    absent = [i for i in image_ids if i not in truth.index]
+    if absent:
+        raise UserError(f"{path} has no label for {len(absent)} image(s) of info.csv: {utils.listing(absent)}; {fix}")
+    labels = truth.reindex(list(image_ids))
+    as_int = pd.to_numeric(labels, errors="coerce")
+    bad = labels[as_int.isna() | (as_int != as_int.round()) | (as_int < 0) | (as_int >= num_classes)]
+    if len(bad):
+        shown = [f"{i}={v!r}" for i, v in bad.items()]
+        raise UserError(
+            f"{path}: {len(bad)} label(s) are not classes 0..{num_classes - 1} of the model: {utils.listing(shown)}; "
+            f"{fix}"
+        )
+    return as_int.to_numpy().astype(np.int64)
 
 
 @dataclass

@@ -322,9 +322,8 @@ def main(args: Namespace) -> Path:
         write_probs(output.with_name("probs.csv"), images.image_ids, probs, names)
         print(f"Wrote {output.with_name('probs.csv')} ({len(names)} class probabilities per image)")
     truth_path = images.source / "truth.csv"  # present for the demo data and development sets, never in a competition
-    if images.competition and truth_path.is_file():
-        truth = pd.read_csv(truth_path, dtype={"ImageID": str}).set_index("ImageID")["ans"]
-        scored = truth.reindex(submission["ImageID"]).to_numpy()
+    if images.competition and truth_path.is_file():  # checked after writing: a bad truth.csv keeps the submission
+        scored = evaldata.read_truth(truth_path, images.image_ids, config["num_classes"])
         f1 = utils.macro_f1(scored, preds, config["num_classes"])
         print(f"{truth_path} found: macro F1 {f1:.4f}, accuracy {(scored == preds).mean():.2%}")
     return output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -77,3 +78,57 @@ def test_one_line_keeps_the_start_of_a_multi_line_message_and_the_end_of_a_worke
     assert utils.one_line(wrapped) == "cannot read image a.jpg (truncated)"
     long = utils.reason(ValueError("x" * 500 + "\nmore"), limit=50)
     assert long.startswith("ValueError: xxx") and long.endswith("...") and len(long) == len("ValueError: ") + 50
+
+
+# --- 2. truth.csv is checked like info.csv; the submission written before it stays --------------------------
+def eval_copy(demo_root, tmp_path):
+    return shutil.copytree(demo_root / "eval", tmp_path / "eval")
+
+
+def bad_truths(truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    first = truth["ImageID"].iloc[0]
+    return {
+        "a class the model does not have": truth.assign(ans=truth["ans"].where(truth.index > 0, 18)),
+        "a negative class": truth.assign(ans=truth["ans"].where(truth.index > 0, -1)),
+        "a word": truth.astype({"ans": str}).assign(ans=lambda t: t["ans"].where(t.index > 0, "mask")),
+        "a fraction": truth.astype({"ans": str}).assign(ans=lambda t: t["ans"].where(t.index > 0, "1.5")),
+        "an empty label": truth.astype({"ans": str}).assign(ans=lambda t: t["ans"].where(t.index > 0, "")),
+        "no ans column": truth.rename(columns={"ans": "label"}),
+        "missing rows": truth.iloc[2:],
+        "an image twice": pd.concat([truth, truth[truth["ImageID"] == first]]),
+    }
+
+
+def test_a_bad_truth_csv_is_one_line_after_the_submission_is_written(demo_root, trained, tmp_path):
+    eval_dir = eval_copy(demo_root, tmp_path)
+    good = run_script("inference.py", "--model_dir", str(trained), "--data_dir", str(eval_dir), cwd=tmp_path)
+    assert good.returncode == 0 and "macro F1" in good.stdout, good.stderr
+    expected = (tmp_path / "output/output.csv").read_text()
+    truth = pd.read_csv(eval_dir / "truth.csv", dtype={"ImageID": str})
+    cases = {**bad_truths(truth), "not a CSV": None}
+    for case, table in cases.items():
+        (tmp_path / "output/output.csv").unlink()
+        if table is None:
+            (eval_dir / "truth.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+        else:
+            table.to_csv(eval_dir / "truth.csv", index=False)
+        done = run_script("inference.py", "--model_dir", str(trained), "--data_dir", str(eval_dir), cwd=tmp_path)
+        line = one_error_line(done)
+        assert str(eval_dir / "truth.csv") in line and "remove it to skip scoring" in line, (case, line)
+        assert (tmp_path / "output/output.csv").read_text() == expected, case
+
+
+def test_info_csv_with_duplicate_or_empty_image_ids_is_refused_before_any_output(demo_root, trained, tmp_path):
+    eval_dir = eval_copy(demo_root, tmp_path)
+    info = pd.read_csv(eval_dir / "info.csv", dtype={"ImageID": str})
+    cases = {
+        "twice": (pd.concat([info, info.iloc[:2]]), "twice"),
+        "empty": (info.assign(ImageID=info["ImageID"].where(info.index != 3, "")), "without an ImageID (lines 5)"),
+    }
+    for table, expected in cases.values():
+        table.to_csv(eval_dir / "info.csv", index=False)
+        line = one_error_line(
+            run_script("inference.py", "--model_dir", str(trained), "--data_dir", str(eval_dir), cwd=tmp_path)
+        )
+        assert str(eval_dir / "info.csv") in line and expected in line, line
+        assert not (tmp_path / "output").exists()
