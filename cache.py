@@ -156,7 +156,7 @@ class DiskCache:
         self, paths: Sequence[str], size: Sequence[int], decode: Decode, root: str | os.PathLike, workers: int = 1
     ) -> None:
         start = time.time()
-        self.root = Path(root)
+        self.root = utils.make_dir(root, "--cache_dir", "CACHE_DIR")
         self.files = [self.entry(p, size) for p in paths]
 
         def store(i: int, image: np.ndarray) -> None:

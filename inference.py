@@ -208,12 +208,14 @@ def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
 # Output.
 def check_writable(folder: Path) -> None:
     """Fail before any work when the submission could not be written."""
+    utils.make_dir(folder, "--output_dir", "SM_OUTPUT_DATA_DIR")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"--output_dir {folder} cannot be written ({e.strerror}): pass a writable folder") from None
+        origin = utils.value_origin("--output_dir", "SM_OUTPUT_DATA_DIR")
+        given = f"--output_dir {folder}" + (f" (from {origin})" if origin else "")
+        raise UserError(f"{given} cannot be written ({e.strerror}): pass a writable folder") from None
 
 
 def write_submission(

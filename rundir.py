@@ -61,10 +61,7 @@ def increment_path(path: str | os.PathLike) -> Path:
     `mkdir` without `exist_ok` is atomic, so two runs started at once still get different directories.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"--model_dir {path.parent} is not a folder (a file is in the way): pass a folder") from None
+    utils.make_dir(path.parent, "--model_dir", "SM_MODEL_DIR")
     n = 1
     while True:
         candidate = path if n == 1 else path.with_name(f"{path.name}{n}")

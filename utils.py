@@ -91,6 +91,37 @@ def env_value(name: str, default: Any = None, dotenv_path: str | os.PathLike = "
     return default
 
 
+def value_origin(flag: str, env: str | None, dotenv_path: str | os.PathLike = ".env") -> str:
+    """Where the value of `flag` came from, for an error message: '' when the flag was given (or its default
+    applies), else '$ENV' or 'ENV in /abs/.env': the place to change it."""
+    if any(a == flag or a.startswith(f"{flag}=") for a in sys.argv[1:]) or not env:
+        return ""
+    if env in os.environ:
+        return f"${env}"
+    if Path(dotenv_path).is_file():
+        from dotenv import dotenv_values
+
+        if dotenv_values(dotenv_path).get(env) is not None:
+            return f"{env} in {Path(dotenv_path).resolve()}"
+    return ""
+
+
+def make_dir(path: str | os.PathLike, flag: str, env: str | None = None) -> Path:
+    """Create folder `path` (and its parents) for `flag`, or one line naming the flag, where its value was set,
+    and what is in the way."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or reason(e))
+        origin = value_origin(flag, env)
+        given = f"{flag} {path}" + (f" (from {origin})" if origin else "")
+        change = f"pass another folder as {flag}" + (f" or change {origin}" if origin else "")
+        raise UserError(f"{given} cannot be created ({why}): {change}") from None
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on."""
     try:

@@ -132,3 +132,35 @@ def test_info_csv_with_duplicate_or_empty_image_ids_is_refused_before_any_output
         )
         assert str(eval_dir / "info.csv") in line and expected in line, line
         assert not (tmp_path / "output").exists()
+
+
+# --- 3. folders that cannot be created name the flag, and the variable or .env that set it ------------------
+def test_folders_that_cannot_be_created_name_the_flag_and_where_its_value_was_set(demo_root, trained, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way\n")
+    under = str(blocker / "sub")
+    dotenv = str((tmp_path / ".env").resolve())
+    train_cases = [  # (extra flags, environment, .env text, expected in the line)
+        (["--model_dir", str(blocker)], {}, "", f"--model_dir {blocker} cannot be created"),
+        (["--model_dir", under], {}, "", f"{blocker} is a file"),
+        ([], {"SM_MODEL_DIR": under}, "", "(from $SM_MODEL_DIR)"),
+        ([], {}, f"SM_MODEL_DIR={under}\n", f"or change SM_MODEL_DIR in {dotenv}"),
+        (["--cache", "disk", "--cache_dir", str(blocker)], {}, "", f"--cache_dir {blocker} cannot be created"),
+        (["--cache", "disk"], {"CACHE_DIR": under}, "", "(from $CACHE_DIR)"),
+    ]
+    for extra, env, dotenv_text, expected in train_cases:
+        (tmp_path / ".env").write_text(dotenv_text)
+        done = run_script("train.py", *tiny_run_args(demo_root, *extra), cwd=tmp_path, env=env)
+        line = one_error_line(done)
+        assert expected in line and "pass another folder" in line, (extra, env, line)
+    eval_dir = str(demo_root / "eval")
+    for extra, env, dotenv_text, expected in [
+        (["--output_dir", str(blocker)], {}, "", f"--output_dir {blocker} cannot be created"),
+        ([], {"SM_OUTPUT_DATA_DIR": under}, "", "(from $SM_OUTPUT_DATA_DIR)"),
+        ([], {}, f"SM_OUTPUT_DATA_DIR={under}\n", f"SM_OUTPUT_DATA_DIR in {dotenv}"),
+    ]:
+        (tmp_path / ".env").write_text(dotenv_text)
+        done = run_script("inference.py", "--model_dir", str(trained), "--data_dir", eval_dir, *extra, cwd=tmp_path,
+                          env=env)  # fmt: skip
+        assert expected in one_error_line(done), (extra, env)
+    assert blocker.read_text() == "in the way\n" and not (tmp_path / "model").exists()
