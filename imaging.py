@@ -45,12 +45,29 @@ def _decode(path: str | os.PathLike, min_size: Sequence[int] | None) -> Image.Im
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
                 h, w = w, h
             image.draft(image.mode if image.mode == "CMYK" else "RGB", (w, h))
-        image = ImageOps.exif_transpose(image)
+        image = to_8bit(ImageOps.exif_transpose(image))
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Transparent areas become white, not whatever colour the hidden pixels happen to hold.
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image.convert("RGBA"))
         return image.convert("RGB")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Wide-range grayscale (16-bit `I;16*`, 32-bit `I`, float `F`) as 8-bit `L`, scaled, not clipped: PIL's
+    convert("RGB") clips them, so a 16-bit PNG would decode almost white. The range is read from the mode and
+    the values: 16-bit data is scaled by 1/257, floats up to 1.0 by 255, and 8-bit values stay as they are."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    top = float(pixels.max()) if pixels.size else 0.0
+    if image.mode.startswith("I;16") or 255 < top <= 65535:
+        pixels = pixels / 257.0
+    elif image.mode == "F" and top <= 1.0:
+        pixels = pixels * 255.0
+    elif top > 65535:
+        pixels = pixels * (255.0 / top)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 def compute_mean_std(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -164,3 +165,59 @@ def test_folders_that_cannot_be_created_name_the_flag_and_where_its_value_was_se
                           env=env)  # fmt: skip
         assert expected in one_error_line(done), (extra, env)
     assert blocker.read_text() == "in the way\n" and not (tmp_path / "model").exists()
+
+
+# --- 6. every accepted PIL mode decodes to the picture its 8-bit version shows -------------------------------
+def wide_and_odd_modes(tmp_path):
+    """(file, the 8-bit RGB picture it holds): grayscale in 16, 32 and float bits, and modes with alpha, a
+    palette or ink."""
+    gray = np.add.outer(np.arange(24) * 10, np.arange(32) * 3).clip(0, 255).astype(np.uint8)  # 24x32 ramp
+    as_rgb = np.repeat(gray[..., None], 3, axis=2)
+    color = np.stack([gray, gray[::-1], np.full_like(gray, 90)], axis=2)
+    cases = []
+
+    def save(name, image, expected, **kw):
+        image.save(tmp_path / name, **kw)
+        cases.append((tmp_path / name, expected))
+
+    save("i16.png", Image.fromarray(gray.astype(np.uint16) * 257), as_rgb)  # mode I;16, a 16-bit PNG
+    save("i16_tiff.tif", Image.fromarray(gray.astype(np.uint16) * 257), as_rgb)
+    save("i32.tif", Image.fromarray(gray.astype(np.int32) * 257), as_rgb)  # mode I holding 16-bit values
+    save("i32_8bit.tif", Image.fromarray(gray).convert("I"), as_rgb)  # mode I holding 8-bit values
+    save("f_unit.tif", Image.fromarray(gray.astype(np.float32) / 255), as_rgb)  # mode F in 0..1
+    save("f_255.tif", Image.fromarray(gray).convert("F"), as_rgb)  # mode F in 0..255
+    save("la.png", Image.fromarray(gray).convert("LA"), as_rgb)
+    palette = Image.fromarray(color).quantize(64)
+    save("p.png", palette, np.asarray(palette.convert("RGB")))
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    white = np.asarray(palette.convert("RGB")).copy()
+    white[np.asarray(palette) == 0] = 255
+    save("p_transparent.png", transparent, white, transparency=0)
+    cmyk = Image.fromarray(color).convert("CMYK")
+    save("cmyk.tif", cmyk, np.asarray(cmyk.convert("RGB")))
+    return cases
+
+
+def test_every_accepted_pil_mode_decodes_like_its_8_bit_version(tmp_path):
+    import imaging
+
+    for path, expected in wide_and_odd_modes(tmp_path):
+        decoded = np.asarray(imaging.load_image(path))
+        assert decoded.shape == expected.shape, path.name
+        assert np.abs(decoded.astype(int) - expected.astype(int)).max() <= 1, path.name
+        fixed = imaging.decode_fixed(path, (12, 16))  # what the caches and loaders read
+        assert abs(float(fixed.mean()) - float(expected.mean())) < 3, path.name
+
+
+def test_a_mode_that_cannot_become_rgb_is_an_unreadable_image_with_its_reason(tmp_path):
+    import imaging
+
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (8, 8), (50, 0, 0)).save(path)
+    try:
+        image = imaging.load_image(path)
+    except utils.UnreadableImageError as e:
+        assert str(path) in str(e) and e.reason
+    else:
+        assert image.mode == "RGB" and image.size == (8, 8)  # a PIL that converts LAB gives a real picture
