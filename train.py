@@ -390,6 +390,7 @@ def check_args(args: Namespace) -> None:
 
 
 SCHEDULE_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "scheduler", "warmup_epochs")
+MODEL_FLAGS = ("model", "backbone", "dataset", "label_column", "age_bounds", "resize")  # what the weights are of
 UNSET = object()  # the default of every flag when finding out which were given (not a str: argparse converts those)
 
 
@@ -450,6 +451,7 @@ def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, 
     merged = {k: config[k] for k in vars(args) if k in config}
     merged.update({k: getattr(args, k) for k in given})
     merged["resume"] = str(args.resume)
+    check_same_model(args, config, given, run_dir)
     for flag in SCHEDULE_FLAGS:
         if flag in given and getattr(args, flag) != config.get(flag):
             print(
@@ -459,6 +461,25 @@ def resume_args(args: Namespace, argv: Sequence[str]) -> tuple[Namespace, Path, 
             )
     merged["command"] = config.get("command", "")  # how the run began; each resume is recorded in `resumed`
     return Namespace(**{**vars(args), **merged}), run_dir, given_checkpoints
+
+
+def check_same_model(args: Namespace, config: dict[str, Any], given: set[str], run_dir: Path) -> None:
+    """A resumed run keeps what its weights are (architecture, classes, input size): a given flag that changes
+    it is refused in one line, before anything is loaded."""
+    for flag in MODEL_FLAGS:
+        if flag not in given or flag not in config:
+            continue
+        now, then = getattr(args, flag), config[flag]
+        if isinstance(now, str) and model_module.is_file_spec(now) and flag in ("model", "backbone"):
+            path, _, name = now.rpartition(":")
+            now = f"{Path(path).expanduser().resolve()}:{name}"
+        if (list(now) if isinstance(now, (list, tuple)) else now) != then:
+            shown = " ".join(map(str, now)) if isinstance(now, (list, tuple)) else now
+            raise UserError(
+                f"--resume {run_dir}: --{flag} {shown} differs from the run's {then!r}, and a run resumes with its own "
+                f"model; drop --{flag}, or start a new run from its recipe: --config {run_dir / 'config.json'} "
+                f"--{flag} {shown}"
+            )
 
 
 def fold_plan(config: dict[str, Any]) -> list[int | None]:

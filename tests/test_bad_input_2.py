@@ -221,3 +221,20 @@ def test_a_mode_that_cannot_become_rgb_is_an_unreadable_image_with_its_reason(tm
         assert str(path) in str(e) and e.reason
     else:
         assert image.mode == "RGB" and image.size == (8, 8)  # a PIL that converts LAB gives a real picture
+
+
+# --- 5. resume refuses flags that change what the weights are, before loading anything -----------------------
+def test_resume_with_a_different_model_is_refused_in_one_line_and_the_run_is_untouched(trained, tmp_path):
+    run = shutil.copytree(trained, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for extra, shown in [
+        (["--model", "BaseModel"], "--model BaseModel differs from the run's 'MultiHeadModel'"),
+        (["--backbone", "resnet18"], "--backbone resnet18 differs"),
+        (["--resize", "32", "32"], "--resize 32 32 differs from the run's [64, 48]"),
+        (["--age_bounds", "30", "58"], "--age_bounds 30 58 differs"),
+    ]:
+        line = one_error_line(run_script("train.py", "--resume", str(run), *extra, "--epochs", "2", cwd=tmp_path))
+        assert shown in line and f"--config {run / 'config.json'}" in line, line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    same = run_script("train.py", "--resume", str(run), "--model", "MultiHeadModel", "--epochs", "2", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr  # the run's own value is no change
