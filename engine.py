@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -538,8 +539,9 @@ class Trainer:
             )  # fmt: skip
         self.save("last.pth")
 
-    def run(self) -> bool:
-        """Train the remaining epochs; False when a signal stopped training (last.pth holds where)."""
+    def run(self) -> None:
+        """Train the remaining epochs; a signal stops training after the current step, saves last.pth and raises
+        utils.Stopped (scripts exit with 128 + the signal's number, so `train.py && inference.py` stops too)."""
         s = self.state
         first = s.progress["epoch"] if s.progress else s.epoch + 1
         with utils.StopRequest() as stop:
@@ -549,20 +551,20 @@ class Trainer:
                     self.save("last.pth")
                     print(
                         f"Stopped by {stop.signal or 'a signal'} in epoch {epoch} after step {s.progress['step']}; "
-                        f"saved {self.run_dir / 'last.pth'}. Continue with: python train.py --resume {self.run_dir}"
+                        f"saved {self.run_dir / 'last.pth'}. Continue with: python train.py --resume "
+                        f"{shlex.quote(str(self.run_dir))}"
                     )
-                    return False
+                    raise utils.Stopped(stop.signal, self.run_dir)
                 if self.end_epoch(*self.validate_epoch(epoch, train)):
                     print(f"Early stopping: no better validation {self.settings.eval_metric} for {s.stopper.patience}"
                           " epochs")  # fmt: skip
                     break
                 if utils.any_rank(bool(stop)):
                     print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume "
-                          f"{self.run_dir}")  # fmt: skip
-                    return False
+                          f"{shlex.quote(str(self.run_dir))}")  # fmt: skip
+                    raise utils.Stopped(stop.signal, self.run_dir)
         s.finished = True
         self.save("last.pth")
-        return True
 
     def finish(self) -> None:
         """The run's final metrics (TensorBoard HParams) and where to go next."""
@@ -577,7 +579,7 @@ class Trainer:
         name = "macro F1" if metric == "macro_f1" else metric
         print(f"Best validation {name} {best_row.get('score', s.best_score):.4f} at epoch {s.best_epoch}; saved in "
               f"{self.run_dir}")  # fmt: skip
-        print(f"Next: python inference.py --model_dir {self.run_dir}")
+        print(f"Next: python inference.py --model_dir {shlex.quote(str(self.run_dir))}")
 
 
 def fit(
@@ -591,9 +593,9 @@ def fit(
     world: int = 1,
     checkpoint: dict[str, Any] | None = None,
     folds_left: Sequence[int | None] = (),
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Train one split (the holdout or one fold) into `run_dir`, from the start or from `checkpoint`. Returns the
-    split's `fold_result` (for out-of-fold predictions), or None when a signal stopped training."""
+    split's `fold_result` (for out-of-fold predictions); a signal raises utils.Stopped after saving last.pth."""
     utils.seed_everything(config["seed"])  # each split alone: --fold 2 trains as fold 2 of --fold all does
     split = build_split(config, data, aug, cache, fold, device, world)
     print(
@@ -620,8 +622,7 @@ def fit(
         trainer.writer = SummaryWriter(str(run_dir))
     print(f"Run directory: {run_dir}")
     try:
-        if not trainer.run():
-            return None
+        trainer.run()
         trainer.finish()
     finally:
         if trainer.writer is not None:

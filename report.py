@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -245,5 +246,5 @@ def write_oof(run_dir: Path, data: Any, folds: Sequence[dict[str, Any]]) -> floa
         f"Out-of-fold macro F1 {f1:.4f} over {len(table)} images (folds' best scores: {fold_f1}); saved "
         f"{run_dir / 'oof.csv'}"
     )
-    print(f"Next: python inference.py --model_dir {run_dir}")
+    print(f"Next: python inference.py --model_dir {shlex.quote(str(run_dir))}")
     return f1

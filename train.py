@@ -625,9 +625,11 @@ def train_folds(
             print(f"Fold {fold} of {config['n_splits']}: {fold_dir}")
         if checkpoint is not None:
             fold_config["resumed"] = checkpoint["config"].get("resumed", [])
-        result = engine.fit(fold_config, data, aug, cache, fold, fold_dir, device, world, checkpoint, plan[k + 1 :])
-        if result is None:  # stopped by a signal
-            return run_dir
+        try:
+            result = engine.fit(fold_config, data, aug, cache, fold, fold_dir, device, world, checkpoint, plan[k + 1 :])
+        except utils.Stopped as stopped:
+            stopped.run_dir = run_dir  # a k-fold run resumes through its own directory
+            raise
         results.append(result)
     if kfold and utils.rank() == 0:
         report.write_oof(run_dir, data, results)

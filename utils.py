@@ -44,13 +44,29 @@ class UnreadableImageError(UserError):
         self.path, self.reason = str(path), reason
 
 
+class Stopped(Exception):  # noqa: N818 (not an error: the run was asked to stop, and saved first)
+    """A run stopped by a signal after saving last.pth, in `run_dir` (the one to --resume)."""
+
+    def __init__(self, signal_name: str | None, run_dir: Path | None = None) -> None:
+        super().__init__(f"stopped by {signal_name or 'a signal'}")
+        self.signal_name, self.run_dir = signal_name or "SIGTERM", run_dir
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
+        return 128 + int(signal.Signals[self.signal_name])
+
+
 def run_main(main: Callable[[Any], Any], args: Any) -> None:
-    """Run a script's `main(args)`, turning a `UserError` into one line on stderr and exit code 2."""
+    """Run a script's `main(args)`, turning a `UserError` into one line on stderr and exit code 2, and a run
+    stopped by a signal (after saving) into exit code 128 + the signal's number."""
     try:
         main(args)
     except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        sys.exit(e.exit_code)
 
 
 def one_line(message: str) -> str:

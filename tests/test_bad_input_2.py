@@ -238,3 +238,35 @@ def test_resume_with_a_different_model_is_refused_in_one_line_and_the_run_is_unt
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     same = run_script("train.py", "--resume", str(run), "--model", "MultiHeadModel", "--epochs", "2", cwd=tmp_path)
     assert same.returncode == 0, same.stderr  # the run's own value is no change
+
+
+# --- smaller faults: a stopped run exits non-zero; printed commands quote their paths -------------------------
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_stopped_run_exits_128_plus_the_signal_and_prints_a_command_that_works_with_spaces(
+    demo_root, tmp_path, signum, monkeypatch
+):
+    import os
+    import signal
+
+    import engine
+
+    original = engine.train_one_epoch
+
+    def stop_in_epoch_2(model, loader, criterion, state, *rest, **kwargs):
+        if state.progress["epoch"] == 2:
+            os.kill(os.getpid(), getattr(signal, signum))  # caught: the step finishes, last.pth is written
+        return original(model, loader, criterion, state, *rest, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", stop_in_epoch_2)
+    model_dir = tmp_path / "my runs"
+    args = tiny_run_args(demo_root, "--num_workers", "0", "--epochs", "3", "--model_dir", str(model_dir))
+    done = run_script("train.py", *args, cwd=tmp_path)
+    assert done.returncode == 128 + getattr(signal, signum), done.stderr
+    command = next(line for line in done.stdout.splitlines() if "--resume" in line).split(": ", 1)[-1]
+    import shlex
+
+    assert shlex.split(command.split("Continue with: ")[-1])[-1] == str(model_dir / "exp")
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    resumed = run_script("train.py", *shlex.split(command)[2:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"--model_dir {shlex.quote(str(model_dir / 'exp'))}" in resumed.stdout  # the Next: line, quoted

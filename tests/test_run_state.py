@@ -48,7 +48,9 @@ def test_an_interrupted_kfold_run_resumes_to_the_end_and_equals_the_uninterrupte
         return original(model, loader, criterion, state, *rest, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", interrupt_fold_1)
-    part = train_here([*kfold, "--name", "part"])
+    with pytest.raises(utils.Stopped) as stop:
+        train_here([*kfold, "--name", "part"])
+    part = stop.value.run_dir  # the k-fold run's directory, not the fold's
     monkeypatch.setattr(engine, "train_one_epoch", original)
     assert not (part / "fold2").exists() and not (part / "oof.csv").exists()
     assert not utils.load_checkpoint(part / "fold1/last.pth")["finished"]
