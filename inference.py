@@ -40,7 +40,7 @@ DEFAULT_EVAL_DIR = "/opt/ml/input/data/eval"  # the competition server's layout
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__)
     add_run_flags(p.add_argument_group("runs"))
     add_data_flags(p.add_argument_group("data"))
     add_output_flags(p.add_argument_group("output"))

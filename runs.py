@@ -49,7 +49,7 @@ class UnreadableRun(Exception):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__)
     table = p.add_argument_group("run table")
     table.add_argument(
         "model_dir",

@@ -11,10 +11,11 @@ import argparse
 import contextlib
 import difflib
 import functools
+import math
 import os
 import sys
 from argparse import Namespace
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def dataset_classes() -> dict[str, type]:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__)
     p.add_argument(
         "--config",
         default=None,
@@ -332,22 +333,54 @@ def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     )
 
 
+def at_least(low: float) -> tuple[str, Callable[[float], bool]]:
+    return f"at least {low:g}", lambda v: v >= low
+
+
+FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric flag: what it must be
+    "n_splits": at_least(2),
+    "val_ratio": ("between 0 and 1 (e.g. 0.2)", lambda v: 0 < v < 1),
+    "age_bounds": at_least(1),
+    "prefetch_factor": at_least(1),
+    "resize": ("at least 8 pixels", lambda v: v >= 8),
+    "num_workers": ("0 or more", lambda v: v >= 0),
+    "epochs": at_least(1),
+    "batch_size": at_least(1),
+    "valid_batch_size": at_least(1),
+    "lr": ("positive", lambda v: v > 0),
+    "weight_decay": ("0 or more", lambda v: v >= 0),
+    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "warmup_epochs": ("0 (off) or more", lambda v: v >= 0),
+    "lr_decay_step": at_least(1),
+    "gamma": ("in (0, 1], the factor the rate is multiplied by", lambda v: 0 < v <= 1),
+    "task_weights": ("0 or more", lambda v: v >= 0),
+    "ema": ("a decay in [0, 1), e.g. 0.999 (0: off)", lambda v: 0 <= v < 1),
+    "grad_accum": at_least(1),
+    "clip_grad": ("0 (off) or more", lambda v: v >= 0),
+    "mixup": ("0 (off) or more", lambda v: v >= 0),
+    "cutmix": ("0 (off) or more", lambda v: v >= 0),
+    "mix_prob": ("a probability in (0, 1]", lambda v: 0 < v <= 1),
+    "patience": ("0 (off) or more", lambda v: v >= 0),
+    "seed": ("0 or more (numpy takes no negative seed)", lambda v: 0 <= v < 2**32),
+    "dist_timeout": ("positive (minutes)", lambda v: v > 0),
+}
+
+
+def check_ranges(args: Namespace) -> None:
+    """Every numeric flag within its range (FLAG_RANGES), finite: nan and inf pass no comparison here."""
+    for flag, (rule, ok) in FLAG_RANGES.items():
+        value = getattr(args, flag, None)
+        values = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if not all(math.isfinite(v) and ok(v) for v in values):
+            shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+            raise UserError(f"--{flag} {shown} must be {rule}" + (" (each)" if len(values) > 1 else ""))
+
+
 def check_args(args: Namespace) -> None:
     """Reject impossible flags and unknown names before any data is read."""
-    if not 0 < args.val_ratio < 1:
-        raise UserError(f"--val_ratio {args.val_ratio} must be between 0 and 1 (e.g. 0.2)")
-    for flag in ("epochs", "batch_size", "valid_batch_size", "lr_decay_step", "prefetch_factor", "grad_accum"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
-    if min(args.resize) < 8:
-        raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: height and width must be at least 8 pixels")
-    if args.lr <= 0:
-        raise UserError(f"--lr {args.lr} must be positive")
-    if not 0 <= args.ema < 1:
-        raise UserError(f"--ema {args.ema} must be a decay in [0, 1), e.g. 0.999 (0: off)")
-    for flag in ("mixup", "cutmix", "clip_grad", "warmup_epochs"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} {getattr(args, flag)} must be 0 (off) or more")
+    check_ranges(args)
+    if args.task_weights is not None and not sum(args.task_weights) > 0:
+        raise UserError(f"--task_weights {' '.join(map(str, args.task_weights))}: at least one must be above 0")
     if args.warmup_epochs > args.epochs:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     if (args.mixup or args.cutmix) and not loss_module.accepts_soft_targets(args.criterion):

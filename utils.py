@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import FrameType, ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -507,6 +507,22 @@ def cleanup_distributed() -> None:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default and the script's docstring (its example commands) kept as written."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line naming the flag and the fix, exit code 2 (argparse's
+    own prints the whole usage first, dozens of lines for train.py)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if message.startswith("unrecognized arguments: "):
+            word = message.split(": ", 1)[1].split()[0].split("=")[0]
+            close = difflib.get_close_matches(word, [o for a in self._actions for o in a.option_strings], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+        self.exit(2, f"error: {message}{hint} (python {self.prog} --help lists the flags)\n")
 
 
 def describe(classes: dict[str, type]) -> str:

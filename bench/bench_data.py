@@ -194,7 +194,7 @@ def breakdown(
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__)
     data = p.add_argument_group("data")
     data.add_argument("--n", type=int, default=1400, help="images to generate (rounded up to persons of 7) or to read")
     data.add_argument(

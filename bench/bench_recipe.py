@@ -29,7 +29,7 @@ import utils  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True, help="folder with train/images and eval/ (info.csv, images/, truth.csv)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42], help="one training per seed")
     p.add_argument("--model_dir", default=None, help="where the runs go (default: a temporary folder)")

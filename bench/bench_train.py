@@ -98,7 +98,7 @@ def images_per_second(
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p = utils.ArgumentParser(description=__doc__)
     data = p.add_argument_group("data")
     data.add_argument("--n", type=int, default=1400, help="images to generate, rounded up to persons of 7")
     data.add_argument(

@@ -237,7 +237,7 @@ def test_output_directory_that_cannot_be_written(run_dir, eval_dir, tmp_path):
     blocker = tmp_path / "out"
     blocker.write_text("a file where the output folder should be")
     line = one_error_line(infer(run_dir, eval_dir, tmp_path))
-    assert f"--output_dir {blocker} cannot be written" in line
+    assert f"--output_dir {blocker} cannot be created ({blocker} is a file, not a folder)" in line
 
 
 def test_output_csv_is_replaced_atomically(tmp_path, monkeypatch):

@@ -270,3 +270,46 @@ def test_a_stopped_run_exits_128_plus_the_signal_and_prints_a_command_that_works
     resumed = run_script("train.py", *shlex.split(command)[2:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"--model_dir {shlex.quote(str(model_dir / 'exp'))}" in resumed.stdout  # the Next: line, quoted
+
+
+# --- smaller faults: every numeric flag has a range; argparse's own errors are one line too -----------------
+def numeric_flags() -> dict[str, object]:
+    import train
+
+    return {a.dest: a for a in train.get_parser()._actions if a.type in (int, float)}
+
+
+def test_every_numeric_flag_of_train_py_has_a_range():
+    import train
+
+    assert set(numeric_flags()) == set(train.FLAG_RANGES)
+
+
+@pytest.mark.parametrize("flag", sorted(numeric_flags()))
+def test_a_numeric_flag_out_of_range_or_not_finite_is_refused_in_one_line(flag, tmp_path):
+    import train
+
+    action = numeric_flags()[flag]
+    count = action.nargs if isinstance(action.nargs, int) else 1
+    bad = ["-1"] + (["nan", "inf"] if action.type is float else [])
+    for value in bad:
+        words = [f"--{flag}", *([value] * count)]
+        done = run_script("train.py", "--data_dir", str(tmp_path / "never_read"), *words, cwd=tmp_path)
+        line = one_error_line(done)
+        assert line.startswith(f"error: --{flag} ") and "must be" in line, line
+        with pytest.raises(utils.UserError):
+            train.check_args(train.parse_args(words))
+    assert not (tmp_path / "model").exists()
+
+
+def test_argparse_errors_are_one_line_with_the_fix(tmp_path):
+    cases = [
+        (("train.py", "--epochs", "x"), "argument --epochs: invalid int value: 'x'"),
+        (("train.py", "--epochz", "3"), "did you mean --epochs?"),
+        (("train.py", "--amp", "fp8"), "invalid choice: 'fp8'"),
+        (("inference.py", "--tta", "zz"), "invalid choice: 'zz'"),
+        (("runs.py", "--nope"), "unrecognized arguments: --nope"),
+    ]
+    for (script, *args), expected in cases:
+        line = one_error_line(run_script(script, *args, cwd=tmp_path))
+        assert expected in line and f"python {script} --help" in line, line
