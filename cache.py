@@ -10,6 +10,7 @@ to it exactly as it would to a freshly decoded image, so cached and uncached ten
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import multiprocessing
@@ -157,6 +158,7 @@ class DiskCache:
     ) -> None:
         start = time.time()
         self.root = utils.make_dir(root, "--cache_dir", "CACHE_DIR")
+        self.paths, self.size, self.decode = list(paths), tuple(size), decode
         self.files = [self.entry(p, size) for p in paths]
 
         def store(i: int, image: np.ndarray) -> None:
@@ -179,9 +181,25 @@ class DiskCache:
 
     def keep(self, mask: np.ndarray) -> None:
         self.files = [f for f, k in zip(self.files, mask, strict=True) if k]
+        self.paths = [p for p, k in zip(self.paths, mask, strict=True) if k]
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return np.load(self.files[index])
+        """The entry, checked as it is read: a truncated, overwritten or foreign file is decoded again from its
+        image and rewritten, with one warning, instead of failing the run at its first batch."""
+        file = self.files[index]
+        try:
+            image = np.load(file, allow_pickle=False)
+            if image.dtype == np.uint8 and image.shape == (*self.size, 3):
+                return image
+            problem = f"holds a {image.dtype} array of shape {image.shape}"
+        except (OSError, ValueError, EOFError) as e:  # numpy's errors for a truncated or non-.npy file
+            problem = f"cannot be read ({utils.reason(e)})"
+        image = self.decode(self.paths[index])
+        print(f"warning: disk cache entry {file} (of {self.paths[index]}) {problem}; decoded the image again",
+              file=sys.stderr, flush=True)  # fmt: skip
+        with contextlib.suppress(OSError, utils.UserError):  # a read-only or full cache still trains
+            utils.atomic_write(file, lambda f: np.save(f, image), binary=True)
+        return image
 
     def __len__(self) -> int:
         return len(self.files)

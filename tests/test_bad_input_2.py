@@ -313,3 +313,49 @@ def test_argparse_errors_are_one_line_with_the_fix(tmp_path):
     for (script, *args), expected in cases:
         line = one_error_line(run_script(script, *args, cwd=tmp_path))
         assert expected in line and f"python {script} --help" in line, line
+
+
+# --- 7. a damaged disk cache entry is decoded again, with one warning --------------------------------------
+def test_damaged_disk_cache_entries_are_decoded_again_and_rewritten(demo_root, tmp_path):
+    import functools
+
+    import cache
+    import imaging
+
+    paths = sorted(str(p) for p in (demo_root / "train/images").glob("*/*.jpg"))[:6]
+    size = (24, 16)
+    decode = functools.partial(imaging.decode_fixed, size=size)
+    store = cache.DiskCache(paths, size, decode, tmp_path / "cache")
+    truth = [store[i].copy() for i in range(len(paths))]
+    files = store.files
+    files[0].write_bytes(files[0].read_bytes()[:60])  # truncated
+    files[1].write_text("not an array")  # overwritten
+    np.save(files[2], np.zeros((5, 5), np.uint8))  # an array of another size
+    np.save(files[3], np.zeros((*size, 3), np.float32))  # of another type
+    again = cache.DiskCache(paths, size, decode, tmp_path / "cache")
+    assert "(6 reused)" in again.report
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        images = [again[i] for i in range(len(paths))]
+    for got, expected in zip(images, truth, strict=True):
+        assert np.array_equal(got, expected)
+    warnings = err.getvalue().strip().splitlines()
+    assert len(warnings) == 4 and all("decoded the image again" in w for w in warnings), warnings
+    assert all(str(files[i]) in warnings[i] and paths[i] in warnings[i] for i in range(4))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert all(np.array_equal(again[i], truth[i]) for i in range(len(paths)))
+    assert err.getvalue() == ""  # rewritten: read cleanly the next time
+
+
+def test_a_run_on_a_damaged_disk_cache_trains(demo_root, tmp_path):
+    args = tiny_run_args(demo_root, "--cache", "disk", "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0")
+    assert run_script("train.py", *args, cwd=tmp_path).returncode == 0
+    for entry in sorted((tmp_path / "cache").rglob("*.npy"))[:3]:
+        entry.write_bytes(b"\x93NUMPY garbage")
+    done = run_script("train.py", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("decoded the image again") == 3
