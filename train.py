@@ -610,6 +610,9 @@ def train(
         data, decode, aug.load_size, args.cache, args.num_workers + 1, args.cache_dir, args.skip_bad_images
     )  # workers: the loader's do not exist yet, so their cores decode
     run_dir = resumed
+    if resumed is not None and utils.rank() == 0:  # what a killed writer left half-written, never to be renamed
+        for folder in (run_dir, *rundir.fold_dirs(run_dir)):
+            utils.remove_leftovers(folder)
     if run_dir is None:  # rank 0 names the run; every rank writes (only rank 0) into that one directory
         name = str(rundir.increment_path(Path(args.model_dir) / args.name)) if utils.rank() == 0 else None
         run_dir = Path(utils.broadcast_object(name))

@@ -275,11 +275,36 @@ class EarlyStopping:
 # ---------------------------------------------------------------------------------------------------
 # Files: written to a temporary name in the same directory, flushed to disk, then renamed over the target,
 # so a killed process leaves either the old file or the new one, never half of one.
+TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: `.{name}.XXXXXXXX.tmp` beside the file they become
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc tells; os.umask can only set and return)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder` (not below it); returns them. Only for a
+    folder this process owns now: a resumed run's directory."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = False) -> None:
     """Call `write(file_object)` on a temporary file next to `path`, fsync it, then rename it to `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide a shared run's files from the team
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
             f.flush()

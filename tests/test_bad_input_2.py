@@ -359,3 +359,36 @@ def test_a_run_on_a_damaged_disk_cache_trains(demo_root, tmp_path):
     done = run_script("train.py", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("decoded the image again") == 3
+
+
+# --- smaller faults: files follow the umask; a resume removes a killed writer's leftovers --------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomically_written_files_follow_the_umask(tmp_path, umask):
+    import os
+
+    previous = os.umask(umask)
+    try:
+        assert utils.current_umask() == umask
+        utils.atomic_write(tmp_path / "output.csv", lambda f: f.write("ImageID,ans\n"))
+        utils.atomic_write(tmp_path / "best.pth", lambda f: f.write(b"x"), binary=True)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("as open() makes it")
+    finally:
+        os.umask(previous)
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("output.csv", "best.pth"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_a_resume_removes_the_temporary_files_a_killed_writer_left(trained, tmp_path):
+    run = shutil.copytree(trained, tmp_path / "run")
+    leftovers = [run / ".last.pth.k2j3h4.tmp", run / ".log.csv.abcd1234.tmp"]
+    for tmp in leftovers:
+        tmp.write_bytes(b"")
+    keep = run / "notes.tmp"  # not one of ours: no leading dot
+    keep.write_text("mine")
+    done = run_script("train.py", "--resume", str(run), "--epochs", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not any(t.exists() for t in leftovers) and keep.read_text() == "mine"
+    assert not list(run.glob(".*.tmp"))
