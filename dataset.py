@@ -8,6 +8,7 @@ python -c "import dataset; print(dataset.CSVDataset('data/labels.csv', label_col
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -71,6 +72,7 @@ def index_mask_folder(data_dir: str | os.PathLike) -> MaskIndex:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist: pass --data_dir or set SM_CHANNEL_TRAIN")
+    check_layout_level(data_dir)
     rows, bad, missing, extra = [], [], [], []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p)):
         try:
@@ -111,6 +113,26 @@ def index_mask_folder(data_dir: str | os.PathLike) -> MaskIndex:
         )
     warnings += _check_train_csv(data_dir.parent / "train.csv", images)
     return MaskIndex(images, bad, warnings)
+
+
+def check_layout_level(data_dir: Path) -> None:
+    """`--data_dir` one level off in the competition layout (`train/`, `eval/` or the folder above them) is
+    named with the folder to pass, instead of asking to rename `images` or `train` as if they were persons."""
+    children = {p.name for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p)}
+    for name in children:
+        with contextlib.suppress(ValueError):
+            labels.parse_profile(name)
+            return  # some person folder is here: the level is right
+    if (data_dir / "info.csv").is_file():
+        train = data_dir.parent / "train/images"
+        hint = f"; the training images are {train}" if train.is_dir() else ""
+        raise UserError(
+            f"--data_dir {data_dir} is an eval folder (info.csv): train on the folder of person folders{hint}, and "
+            f"give {data_dir} to inference.py --data_dir"
+        )
+    for below in ("images", "train/images"):
+        if below.split("/")[0] in children and (data_dir / below).is_dir():
+            raise UserError(f"--data_dir {data_dir} is the folder above the person folders: pass {data_dir / below}")
 
 
 def _check_train_csv(path: Path, images: pd.DataFrame) -> list[str]:

@@ -392,3 +392,26 @@ def test_a_resume_removes_the_temporary_files_a_killed_writer_left(trained, tmp_
     assert done.returncode == 0, done.stderr
     assert not any(t.exists() for t in leftovers) and keep.read_text() == "mine"
     assert not list(run.glob(".*.tmp"))
+
+
+# --- smaller faults: a --data_dir one level off names the folder to pass ------------------------------------
+def test_a_data_dir_one_level_off_names_the_folder_to_pass(demo_root, tmp_path):
+    root = demo_root  # {root}/train/images/{persons}, {root}/eval/{info.csv, images}
+    cases = [
+        (root / "train", f"pass {root / 'train/images'}"),
+        (root, f"pass {root / 'train/images'}"),
+        (
+            root / "eval",
+            f"is an eval folder (info.csv): train on the folder of person folders; the training images "
+            f"are {root / 'train/images'}",
+        ),  # fmt: skip
+    ]
+    for data_dir, expected in cases:
+        line = one_error_line(run_script("train.py", *tiny_run_args(demo_root)[2:], "--data_dir", str(data_dir),
+                                         cwd=tmp_path))  # fmt: skip
+        assert expected in line and "Rename" not in line, line
+    folder = tmp_path / "fixes"
+    folder.mkdir()
+    line = one_error_line(run_script("train.py", *tiny_run_args(demo_root, "--label_fixes", str(folder)), cwd=tmp_path))
+    assert f"--label_fixes {folder} is a folder: give a CSV file" in line
+    assert not (tmp_path / "model").exists()
