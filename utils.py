@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,21 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
         sys.exit(2)
     except Stopped as e:
         sys.exit(e.exit_code)
+    except Exception as e:  # a writer outside atomic_write (TensorBoard's event file, a library) found the disk full
+        if not out_of_space(e):
+            raise
+        where = next((f" to write {x.filename}" for x in error_chain(e) if getattr(x, "filename", None)), "")
+        print(f"error: no space left on the device{where}: free some space and rerun; finished checkpoints are kept",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+
+def error_chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
 
 
 def one_line(message: str) -> str:
@@ -312,12 +328,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if out_of_space(e, path.parent):
             raise UserError(
                 f"no space left on the device to write {path}: free some space and rerun"
                 + (f" (the previous {path.name} is kept)" if path.exists() else "")
             ) from None
         raise
+
+
+def out_of_space(error: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """Whether `error` means a full disk or quota: an ENOSPC/EDQUOT OSError anywhere in its chain (torch.save's
+    zip writer reports it as a RuntimeError about an unexpected position, raised while handling it), or any
+    RuntimeError while `folder`'s file system has less than 1 MiB left."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, RuntimeError) and folder is not None:
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < 2**20
+    return False
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

@@ -415,3 +415,81 @@ def test_a_data_dir_one_level_off_names_the_folder_to_pass(demo_root, tmp_path):
     line = one_error_line(run_script("train.py", *tiny_run_args(demo_root, "--label_fixes", str(folder)), cwd=tmp_path))
     assert f"--label_fixes {folder} is a folder: give a CSV file" in line
     assert not (tmp_path / "model").exists()
+
+
+# --- 4. a really full file system: one line for every writer, finished checkpoints kept ----------------------
+def small_filesystem_script(size_mb: int, mount: str, command: str, after: str) -> list[str] | None:
+    """A shell command line that mounts a `size_mb` tmpfs at `mount` in a private mount namespace (unshare: no
+    root needed where user namespaces are allowed), runs `command`, then copies what it wrote to `after`."""
+    import shutil as sh
+    import subprocess
+
+    if sh.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = (
+        f"mount -t tmpfs -o size={size_mb}m tmpfs {mount} && {{ {command}; echo $? > {after}.rc; "
+        f"cp -r {mount}/. {after}/; }}"
+    )
+    return ["unshare", "-rm", "sh", "-c", script]
+
+
+@pytest.mark.parametrize("size_mb", [9, 16, 21])  # the disk fills in a different writer each time
+def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_finished_checkpoints(demo_root, tmp_path, size_mb):
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    mount, after = tmp_path / "small", tmp_path / "after"
+    mount.mkdir()
+    after.mkdir()
+    train_args = tiny_run_args(demo_root, "--num_workers", "0", "--epochs", "6", "--model_dir", str(mount / "model"))
+    command = " ".join(shlex.quote(w) for w in [sys.executable, str(ROOT / "train.py"), *train_args])
+    command += f" > {tmp_path}/out.txt 2> {tmp_path}/err.txt"
+    line = small_filesystem_script(size_mb, str(mount), command, str(after))
+    if line is None:
+        pytest.skip("no private tmpfs here (unshare -rm is not permitted)")
+    done = subprocess.run(line, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    err = (tmp_path / "err.txt").read_text()
+    assert int((tmp_path / "after.rc").read_text()) == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and "Exception" not in err, err
+    assert lines[0].startswith("error: no space left on the device") and "free some space" in lines[0], lines[0]
+    run = after / "model/exp"
+    finished = [
+        utils.load_checkpoint(run / name)["epoch"] for name in ("best.pth", "last.pth") if (run / name).exists()
+    ]
+    assert finished, "the first epoch's checkpoints fit: they must survive"
+    log = pd.read_csv(run / "log.csv")
+    assert max(finished) <= log["epoch"].max()
+    assert not list(run.glob(".*.tmp")), "no half-written temporary file is left"
+
+
+def test_a_full_disk_in_any_writer_is_one_line(capsys, tmp_path):
+    import errno
+
+    def tensorboard_like():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "events.out.tfevents.1"))
+
+    def zip_writer_like():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4345024 vs 4344912")  # noqa: B904 (as torch raises it)
+
+    for writer, where in (
+        (tensorboard_like, " to write " + str(tmp_path / "events.out.tfevents.1")),
+        (zip_writer_like, ""),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            utils.run_main(lambda args, writer=writer: writer(), None)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: no space left on the device{where}: free some space")
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else stays a traceback: a bug to report
+        utils.run_main(lambda args: (_ for _ in ()).throw(RuntimeError("a bug")), None)
