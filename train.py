@@ -603,6 +603,7 @@ def train(
     data_cls = dataset_classes()[args.dataset]
     data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
     resolve_defaults(args, data)
+    data.split_dataset() if args.fold is None else data.fold_ids(args.n_splits)  # checked before any decoding
     aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
     mean, std = normalization(args, data, aug_cls)
     aug = aug_cls(resize=args.resize, mean=mean, std=std)

@@ -493,3 +493,12 @@ def test_a_full_disk_in_any_writer_is_one_line(capsys, tmp_path):
         assert err.count("\n") == 1 and err.startswith(f"error: no space left on the device{where}: free some space")
     with pytest.raises(RuntimeError, match="a bug"):  # anything else stays a traceback: a bug to report
         utils.run_main(lambda args: (_ for _ in ()).throw(RuntimeError("a bug")), None)
+
+
+def test_flags_that_need_the_data_are_checked_before_any_image_is_decoded(demo_root, tmp_path):
+    for extra in (["--fold", "all", "--n_splits", "20"], ["--fold", "3", "--n_splits", "13"]):
+        done = run_script("train.py", *tiny_run_args(demo_root, *extra), cwd=tmp_path)
+        line = one_error_line(done)
+        assert "needs at least" in line and "found 12" in line, line
+        assert "cache" not in done.stdout.lower() and "Run directory" not in done.stdout, done.stdout
+    assert not (tmp_path / "model").exists()
