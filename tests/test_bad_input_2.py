@@ -502,3 +502,35 @@ def test_flags_that_need_the_data_are_checked_before_any_image_is_decoded(demo_r
         assert "needs at least" in line and "found 12" in line, line
         assert "cache" not in done.stdout.lower() and "Run directory" not in done.stdout, done.stdout
     assert not (tmp_path / "model").exists()
+
+
+def test_a_full_disk_while_writing_the_submission_is_one_line_and_keeps_the_old_one(demo_root, trained, tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    mount, after = tmp_path / "small", tmp_path / "after"
+    mount.mkdir()
+    after.mkdir()
+    old = "ImageID,ans\nold.jpg,3\n"
+    infer = [sys.executable, str(ROOT / "inference.py"), "--model_dir", str(trained), "--data_dir",
+             str(demo_root / "eval"), "--output_dir", str(mount / "out"), "--save_probs"]  # fmt: skip
+    command = (
+        f"mkdir {mount}/out && printf {shlex.quote(old)} > {mount}/out/output.csv && "
+        f"(dd if=/dev/zero of={mount}/fill bs=4k 2>/dev/null || true) && "
+        + " ".join(map(shlex.quote, infer))
+        + f" > {tmp_path}/out.txt 2> {tmp_path}/err.txt"
+    )
+    line = small_filesystem_script(1, str(mount), command, str(after))
+    if line is None:
+        pytest.skip("no private tmpfs here (unshare -rm is not permitted)")
+    done = subprocess.run(line, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    err = (tmp_path / "err.txt").read_text()
+    assert int((tmp_path / "after.rc").read_text()) == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: no space left on the device to write {mount / 'out/output.csv'}"), err
+    assert (after / "out/output.csv").read_text() == old  # the previous submission is whole
+    assert not list((after / "out").glob(".*.tmp"))
