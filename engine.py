@@ -194,6 +194,9 @@ class RunState:
         self.schedule.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        elif self.scaler is not None and self.scaler.is_enabled():
+            print("warning: the run trained without fp16 loss scaling (--amp off or bf16): the GradScaler starts "
+                  "fresh at its initial scale", file=sys.stderr)  # fmt: skip
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         self.stopper.load_state_dict(state["stopper"])
@@ -414,7 +417,7 @@ def wrap_model(model: nn.Module, config: dict[str, Any], device: torch.device, w
         return torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if device.type == "cuda" and torch.cuda.device_count() > 1 and config.get("data_parallel", True):
+    if utils.uses_every_gpu(config.get("device", "auto"), device) and config.get("data_parallel", True):
         return torch.nn.DataParallel(net)
     return net
 

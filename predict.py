@@ -33,10 +33,19 @@ def check_amp(amp: str, device: torch.device) -> None:
     """Refuse a precision the device cannot run, with the alternative."""
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA GPU (device is {device}); on a CPU use --amp bf16 or --amp off")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
+    if amp == "bf16" and device.type == "cuda" and not bf16_native(device):
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"--amp bf16: {name} ({device}) has no native bfloat16 (it would be emulated, slowly); use "
+                        "--amp fp16")  # fmt: skip
     if amp not in ("off", *AMP_DTYPES):
         raise UserError(f"--amp {amp} is unknown: choose off, fp16 or bf16")
+
+
+def bf16_native(device: torch.device) -> bool:
+    """bfloat16 in hardware on this GPU (Ampere and later): torch's default check also counts emulation, which
+    lets T4 and V100 through to run slowly or fail."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:

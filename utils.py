@@ -476,7 +476,17 @@ def select_device(name: str) -> torch.device:
         raise UserError(f"--device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1}); pick one of them, or --device cuda for all"
+        )
     return device
+
+
+def uses_every_gpu(device_flag: str, device: torch.device) -> bool:
+    """DataParallel over every visible GPU for `--device cuda` or `auto`; an index (`cuda:1`) means that GPU."""
+    return device.type == "cuda" and device_flag in ("auto", "cuda") and torch.cuda.device_count() > 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,12 +512,10 @@ def init_distributed(device_name: str, timeout_min: float = 30.0) -> tuple[int, 
 
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} GPU(s) visible; lower --nproc_per_node"
-            )
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # A launcher that binds one GPU per process (SLURM, CUDA_VISIBLE_DEVICES per rank) shows each process one
+        # GPU while LOCAL_RANK counts on: the process's GPU is LOCAL_RANK modulo the ones it sees.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
@@ -609,8 +617,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved, present = list(state["cuda"] or []), torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(saved[:present]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if saved and len(saved) != present:
+        print(
+            f"warning: the run saved the random state of {len(saved)} GPU(s) and {present} are visible now: the "
+            f"first {min(len(saved), present)} are restored, so GPU-side random draws (dropout) differ from an "
+            "uninterrupted run",
+            file=sys.stderr,
+        )
 
 
 class StopRequest:

@@ -1,0 +1,110 @@
+"""The CUDA paths that need a GPU to run, reached on the CPU through a mocked device list: which GPUs a
+--device means, LOCAL_RANK binding, the bf16 check, and resuming with fewer GPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+import predict
+import utils
+
+
+@pytest.fixture()
+def two_gpus(monkeypatch):
+    """torch believes two GPUs are visible (nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    wrapped = []
+
+    class FakeDataParallel(torch.nn.Module):
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            self.module, self.device_ids = module, device_ids
+            wrapped.append(self)
+
+    monkeypatch.setattr(torch.nn, "DataParallel", FakeDataParallel)
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    ("flag", "data_parallel"), [("auto", True), ("cuda", True), ("cuda:0", False), ("cuda:1", False)]
+)
+def test_a_device_with_an_index_means_that_one_gpu(two_gpus, flag, data_parallel):
+    device = utils.select_device(flag)
+    config = {"device": flag, "compile": False, "resize": [8, 8], "data_parallel": True}
+    net = engine.wrap_model(torch.nn.Linear(2, 2), config, device, world=1)
+    assert isinstance(net, torch.nn.DataParallel) == data_parallel
+    assert len(two_gpus) == int(data_parallel)
+
+
+def test_a_gpu_index_out_of_range_is_one_line(two_gpus):
+    with pytest.raises(utils.UserError, match=r"--device cuda:2: only 2 GPU\(s\) are visible \(cuda:0 .. cuda:1\)"):
+        utils.select_device("cuda:2")
+
+
+@pytest.mark.parametrize(("local_rank", "visible", "index"), [(0, 2, 0), (1, 2, 1), (3, 1, 0), (5, 4, 1)])
+def test_local_rank_binds_modulo_the_visible_gpus(monkeypatch, local_rank, visible, index):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    bound = []
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # no process group is started
+    rank, world, device = utils.init_distributed("auto")
+    assert (rank, world, device) == (local_rank, 8, torch.device("cuda", index)) and bound == [device]
+
+
+@pytest.mark.parametrize(("native", "emulated", "accepted"), [(True, True, True), (False, True, False)])
+def test_bf16_is_checked_without_emulation_on_the_chosen_gpu(monkeypatch, native, emulated, accepted):
+    calls = []
+
+    def supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native or (including_emulation and emulated)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    device = torch.device("cuda", 1)
+    if accepted:
+        predict.check_amp("bf16", device)
+    else:
+        with pytest.raises(utils.UserError, match=r"--amp bf16: Tesla T4 \(cuda:1\) has no native bfloat16"):
+            predict.check_amp("bf16", device)
+    assert calls == [False]
+
+
+def test_resume_with_fewer_gpus_restores_what_it_can_and_says_so(monkeypatch, capsys):
+    state = utils.rng_state()
+    expected = torch.rand(3)  # what the CPU generator draws next from `state`
+    state["cuda"] = [torch.zeros(8, dtype=torch.uint8)] * 4  # the run had 4 GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, index: restored.append(index))
+    torch.manual_seed(123)
+    utils.set_rng_state(state)
+    assert restored == [0, 1]  # no index past the GPUs present
+    assert torch.equal(torch.rand(3), expected)
+    assert "saved the random state of 4 GPU(s) and 2 are visible now" in capsys.readouterr().err
+
+
+def test_an_enabled_scaler_resuming_from_a_run_without_one_starts_fresh_with_one_line(capsys):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    import schedule
+
+    off = engine.RunState(model, optimizer, schedule.Schedule(optimizer, "none", 1, 1), {},
+                          scaler=torch.amp.GradScaler("cpu", enabled=False))  # fmt: skip
+    saved = off.state_dict()
+    on = engine.RunState(model, optimizer, schedule.Schedule(optimizer, "none", 1, 1), {},
+                         scaler=torch.amp.GradScaler("cpu", enabled=True))  # fmt: skip
+    on.load_state_dict(saved)
+    assert "GradScaler starts fresh" in capsys.readouterr().err
+    assert on.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
