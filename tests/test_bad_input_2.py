@@ -426,8 +426,10 @@ def small_filesystem_script(size_mb: int, mount: str, command: str, after: str) 
 
     if sh.which("unshare") is None:
         return None
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
-    if probe.returncode != 0:
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount}"], capture_output=True
+    )
+    if probe.returncode != 0:  # no user namespaces, or no tmpfs mount in them, on this machine
         return None
     script = (
         f"mount -t tmpfs -o size={size_mb}m tmpfs {mount} && {{ {command}; echo $? > {after}.rc; "
