@@ -486,7 +486,11 @@ class Trainer:
     ) -> tuple[dict[str, Any], predict.Evaluation, nn.Module]:
         """The epoch's row of log.csv, the chosen weights' evaluation and those weights (raw, or EMA when better)."""
         start, metric = time.time(), self.settings.eval_metric
-        chosen, weights = self.validate(self.train_model, "validation"), self.state.model
+        # The module inside DDP: its forward could broadcast buffers, a collective that a rank without a
+        # validation batch never joins.
+        net = self.train_model
+        net = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+        chosen, weights = self.validate(net, "validation"), self.state.model
         row = {"epoch": epoch, **{k: v for k, v in train.items() if k != "time_s"}}
         row.update({f"val_{k}": chosen.metrics[k] for k in ("loss", "acc", "f1")})
         if self.state.ema is not None:

@@ -77,9 +77,11 @@ def gather_in_order(part: torch.Tensor) -> torch.Tensor:
     parts = utils.gather_objects(part)
     if len(parts) == 1:
         return part
-    out = torch.empty(sum(len(p) for p in parts), *part.shape[1:], dtype=part.dtype)
+    shape = next((p for p in parts if len(p)), part)  # a rank with nothing to predict sends an empty (0, 0) part
+    out = torch.empty(sum(len(p) for p in parts), *shape.shape[1:], dtype=shape.dtype)
     for r, p in enumerate(parts):
-        out[r :: len(parts)] = p
+        if len(p):
+            out[r :: len(parts)] = p
     return out
 
 
@@ -119,6 +121,8 @@ def evaluate(
                 outputs.append(out)
             total = total + torch.softmax(model_module.to_class_logits(out, model), dim=1)
         probs.append(total / len(views))
+    if not outputs:  # this rank's share is empty: more ranks than images
+        outputs, probs = [torch.empty(0, 0)], [torch.empty(0, 0)]
     result = Evaluation(gather_in_order(torch.cat(outputs)), gather_in_order(torch.cat(probs)))
     if targets is not None:
         truth = torch.as_tensor(np.asarray(targets), dtype=torch.int64)

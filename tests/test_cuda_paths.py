@@ -108,3 +108,27 @@ def test_an_enabled_scaler_resuming_from_a_run_without_one_starts_fresh_with_one
     on.load_state_dict(saved)
     assert "GradScaler starts fresh" in capsys.readouterr().err
     assert on.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+def test_a_rank_with_nothing_to_validate_contributes_an_empty_part(monkeypatch):
+    """8 ranks, 7 validation images: rank 7's share is empty; every rank still gets all 7 in order."""
+    world, n, classes = 8, 7, 3
+    logits = torch.randn(n, classes)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits[x[:, 0, 0, 0].long()]
+
+    items = [(torch.full((3, 2, 2), float(i)), i) for i in range(n)]
+    parts = []
+    for rank in range(world):
+        share = predict.rank_share(items, rank, world)
+        loader = torch.utils.data.DataLoader(share, batch_size=2)
+        parts.append(predict.evaluate(Fixed(), loader, torch.device("cpu")))
+    assert parts[7].outputs.shape[0] == 0
+    for name in ("outputs", "probs"):
+        gathered = [getattr(p, name) for p in parts]
+        monkeypatch.setattr(utils, "gather_objects", lambda part, g=gathered: g)
+        full = predict.gather_in_order(gathered[0])
+        expected = logits if name == "outputs" else torch.softmax(logits, 1)
+        torch.testing.assert_close(full, expected)
