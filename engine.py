@@ -12,6 +12,7 @@ The engine reads the run's config dict (resolved flags and data facts), never th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shlex
@@ -257,13 +258,16 @@ def train_one_epoch(
         mixed, soft = augmentation.mix_batch(
             images, targets, num_classes, settings.mixup, settings.cutmix, settings.cutmix_mode, settings.mix_prob
         )
-        with predict.autocast(settings.amp, device):
-            outputs = model(mixed)
-            loss = criterion(outputs.float(), soft if mixing else targets)
-        scaler.scale(loss / accum).backward()
+        # Step every `accum` micro-batches, and on the epoch's last batch so no gradient is carried over. Under
+        # DDP the micro-batches before a step skip the gradient all-reduce (no_sync): one per optimizer step.
+        stepping = (progress["step"] + 1) % accum == 0 or progress["step"] + 1 == progress["steps"]
+        with contextlib.nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
+            with predict.autocast(settings.amp, device):
+                outputs = model(mixed)
+                loss = criterion(outputs.float(), soft if mixing else targets)
+            scaler.scale(loss / accum).backward()
         progress["step"] += 1
-        # Step every `accum` micro-batches, and on the epoch's last batch so no gradient is carried over.
-        if progress["step"] % accum == 0 or progress["step"] == progress["steps"]:
+        if stepping:
             if settings.clip_grad:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)

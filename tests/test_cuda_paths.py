@@ -132,3 +132,48 @@ def test_a_rank_with_nothing_to_validate_contributes_an_empty_part(monkeypatch):
         full = predict.gather_in_order(gathered[0])
         expected = logits if name == "outputs" else torch.softmax(logits, 1)
         torch.testing.assert_close(full, expected)
+
+
+def test_gradient_accumulation_under_ddp_all_reduces_once_per_optimizer_step(tmp_path):
+    """4 micro-batches at --grad_accum 2 under DistributedDataParallel (a one-rank gloo group): 2 gradient
+    all-reduces, not 4, and the same weights as without DDP."""
+    import torch.distributed as dist
+
+    import schedule
+
+    x, y = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def train_once(ddp: bool) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+        calls = []
+        net = model
+        if ddp:
+            net = torch.nn.parallel.DistributedDataParallel(model)
+
+            def counting(state, bucket):
+                calls.append(1)
+                return _allreduce(bucket)
+
+            net.register_comm_hook(None, counting)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        state = engine.RunState(model, optimizer, schedule.Schedule(optimizer, "none", epochs=1, steps_per_epoch=1))
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+        state.new_progress(1)["steps"] = len(loader)
+        settings = engine.LoopSettings(grad_accum=2)
+        engine.train_one_epoch(net, loader, torch.nn.CrossEntropyLoss(), state, settings, torch.device("cpu"), 3)
+        return model[1].weight.detach().clone(), len(calls)
+
+    def _allreduce(bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        return default_hooks.allreduce_hook(None, bucket)
+
+    plain, _ = train_once(ddp=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped, all_reduces = train_once(ddp=True)
+    finally:
+        dist.destroy_process_group()
+    assert all_reduces == 2
+    torch.testing.assert_close(wrapped, plain)
