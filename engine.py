@@ -320,7 +320,7 @@ def make_loader(
         persistent_workers=workers > 0 and settings.persistent_workers,
         prefetch_factor=settings.prefetch_factor if workers > 0 else None,
         worker_init_fn=utils.seed_worker,
-        generator=torch.Generator().manual_seed(settings.seed),
+        generator=torch.Generator().manual_seed(settings.seed + utils.RANK_SEED_STRIDE * utils.rank()),  # workers
     )
 
 
@@ -623,6 +623,8 @@ def fit(
         ]
         steps = f" and {state.progress['step']} steps of epoch {state.progress['epoch']}" if state.progress else ""
         print(f"Resuming {run_dir} after epoch {state.epoch}{steps}")
+    if world > 1:
+        utils.seed_for_rank(utils.rank())
     config.update(train_images=len(split.train_set), val_images=len(split.val_set))
     trainer = Trainer(state, split, build_criterion(config, split, state.model, data.num_classes), data, run_dir,
                       device, world)  # fmt: skip

@@ -176,6 +176,18 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
+RANK_SEED_STRIDE = 1_000_003
+
+
+def seed_for_rank(rank: int) -> None:
+    """Under DDP, after the model is built (or resumed): every generator of this process continues from a seed of
+    its own, so the ranks' k-th images get different flips, crops, jitter, mixup draws and dropout masks. The
+    base is drawn from the generator state all ranks share, so a resumed run gets new draws too; the sampler's
+    permutation has its own generator (seed, epoch) and stays shared."""
+    base = int(torch.randint(0, 2**31, (1,)).item())
+    seed_everything((base + RANK_SEED_STRIDE * rank) % 2**32)
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: give NumPy and `random` the per-worker, per-epoch seed torch chose."""
     worker_seed = torch.initial_seed() % 2**32

@@ -177,3 +177,27 @@ def test_gradient_accumulation_under_ddp_all_reduces_once_per_optimizer_step(tmp
         dist.destroy_process_group()
     assert all_reduces == 2
     torch.testing.assert_close(wrapped, plain)
+
+
+def test_ranks_draw_different_augmentations_but_share_the_sampler_order(monkeypatch):
+    import augmentation
+
+    images = torch.rand(4, 3, 16, 16)
+    draws, orders = {}, {}
+    for rank in (0, 1):
+        utils.seed_everything(42)  # what every rank does first: the same seed
+        utils.seed_for_rank(rank)
+        first = torch.rand(8)
+        mixed = augmentation.mix_batch(images, torch.tensor([0, 1, 2, 0]), 3, 0.4, 0.0, "box", 1.0)[0]
+        draws[rank] = (first, mixed)
+        orders[rank] = engine.EpochSampler(10, seed=42, rank=rank, world_size=2).order()
+        monkeypatch.setattr(utils, "rank", lambda r=rank: r)
+        loader = engine.make_loader(images, 2, engine.LoopSettings(seed=42, num_workers=0), torch.device("cpu"))
+        draws[rank] += (loader.generator.initial_seed(),)
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
+    assert draws[0][2] != draws[1][2]  # loader workers seeded apart too
+    full = engine.EpochSampler(10, seed=42).order()
+    assert sorted(orders[0] + orders[1]) == sorted(full) and orders[0] == full[0::2]  # one permutation, split
+    utils.seed_everything(42)
+    utils.seed_for_rank(1)
+    assert torch.equal(torch.rand(8), draws[1][0])  # a rank's own draws are repeatable
