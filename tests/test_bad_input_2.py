@@ -280,13 +280,14 @@ def numeric_flags() -> dict[str, object]:
 
 
 def test_every_numeric_flag_of_train_py_has_a_range():
-    import train
+    import flagcheck
 
-    assert set(numeric_flags()) == set(train.FLAG_RANGES)
+    assert set(numeric_flags()) == set(flagcheck.FLAG_RANGES)
 
 
 @pytest.mark.parametrize("flag", sorted(numeric_flags()))
 def test_a_numeric_flag_out_of_range_or_not_finite_is_refused_in_one_line(flag, tmp_path):
+    import flagcheck
     import train
 
     action = numeric_flags()[flag]
@@ -298,7 +299,7 @@ def test_a_numeric_flag_out_of_range_or_not_finite_is_refused_in_one_line(flag, 
         line = one_error_line(done)
         assert line.startswith(f"error: --{flag} ") and "must be" in line, line
         with pytest.raises(utils.UserError):
-            train.check_args(train.parse_args(words))
+            flagcheck.check_args(train.parse_args(words))
     assert not (tmp_path / "model").exists()
 
 
@@ -438,10 +439,22 @@ def small_filesystem_script(size_mb: int, mount: str, command: str, after: str) 
     return ["unshare", "-rm", "sh", "-c", script]
 
 
+def run_on_small_filesystem(size_mb: int, mount, command: str, tmp_path) -> tuple[int, str]:
+    """(exit code, stderr) of `command` (which writes its stderr to tmp_path/err.txt) on a `size_mb` tmpfs at
+    `mount`; what it wrote is copied to tmp_path/after. Skips where no private tmpfs can be mounted."""
+    import subprocess
+
+    line = small_filesystem_script(size_mb, str(mount), command, str(tmp_path / "after"))
+    if line is None:
+        pytest.skip("no private tmpfs here (unshare -rm is not permitted)")
+    done = subprocess.run(line, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return int((tmp_path / "after.rc").read_text()), (tmp_path / "err.txt").read_text()
+
+
 @pytest.mark.parametrize("size_mb", [9, 16, 21])  # the disk fills in a different writer each time
 def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_finished_checkpoints(demo_root, tmp_path, size_mb):
     import shlex
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -452,13 +465,8 @@ def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_finished_chec
     train_args = tiny_run_args(demo_root, "--num_workers", "0", "--epochs", "6", "--model_dir", str(mount / "model"))
     command = " ".join(shlex.quote(w) for w in [sys.executable, str(ROOT / "train.py"), *train_args])
     command += f" > {tmp_path}/out.txt 2> {tmp_path}/err.txt"
-    line = small_filesystem_script(size_mb, str(mount), command, str(after))
-    if line is None:
-        pytest.skip("no private tmpfs here (unshare -rm is not permitted)")
-    done = subprocess.run(line, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    err = (tmp_path / "err.txt").read_text()
-    assert int((tmp_path / "after.rc").read_text()) == 2, err
+    rc, err = run_on_small_filesystem(size_mb, mount, command, tmp_path)
+    assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and "Exception" not in err, err
     assert lines[0].startswith("error: no space left on the device") and "free some space" in lines[0], lines[0]
@@ -508,7 +516,6 @@ def test_flags_that_need_the_data_are_checked_before_any_image_is_decoded(demo_r
 
 def test_a_full_disk_while_writing_the_submission_is_one_line_and_keeps_the_old_one(demo_root, trained, tmp_path):
     import shlex
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -525,13 +532,8 @@ def test_a_full_disk_while_writing_the_submission_is_one_line_and_keeps_the_old_
         + " ".join(map(shlex.quote, infer))
         + f" > {tmp_path}/out.txt 2> {tmp_path}/err.txt"
     )
-    line = small_filesystem_script(1, str(mount), command, str(after))
-    if line is None:
-        pytest.skip("no private tmpfs here (unshare -rm is not permitted)")
-    done = subprocess.run(line, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    err = (tmp_path / "err.txt").read_text()
-    assert int((tmp_path / "after.rc").read_text()) == 2, err
+    rc, err = run_on_small_filesystem(1, mount, command, tmp_path)
+    assert rc == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: no space left on the device to write {mount / 'out/output.csv'}"), err
     assert (after / "out/output.csv").read_text() == old  # the previous submission is whole
