@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import augmentation
 import dataset as dataset_module
+import devices
 import loss as loss_module
 import model as model_module
 import predict
@@ -184,7 +185,7 @@ class RunState:
             "rows": self.rows,
             "folds_left": list(self.folds_left),
             "finished": self.finished,
-            "rng": utils.rng_state() if rng else None,
+            "rng": devices.rng_state() if rng else None,
             "config": self.config,
         }
 
@@ -206,7 +207,7 @@ class RunState:
         self.best_probs, self.val_idx = state.get("best_probs"), list(state.get("val_idx", []))
         self.folds_left, self.finished = list(state.get("folds_left", [])), bool(state.get("finished"))
         if state.get("rng"):
-            utils.set_rng_state(state["rng"])
+            devices.set_rng_state(state["rng"])
 
     def new_progress(self, epoch: int) -> dict[str, Any]:
         self.progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
@@ -285,7 +286,7 @@ def train_one_epoch(
         progress["preds"].append(model_module.to_class_logits(outputs.detach().float(), model).argmax(1).cpu())
         progress["targets"].append(targets.cpu())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if progress["step"] % accum == 0 and utils.any_rank(bool(stop)):  # all ranks stop at the same step
+        if progress["step"] % accum == 0 and devices.any_rank(bool(stop)):  # all ranks stop at the same step
             return False
     return True
 
@@ -319,8 +320,8 @@ def make_loader(
         pin_memory=device.type == "cuda" if settings.pin_memory is None else settings.pin_memory,
         persistent_workers=workers > 0 and settings.persistent_workers,
         prefetch_factor=settings.prefetch_factor if workers > 0 else None,
-        worker_init_fn=utils.seed_worker,
-        generator=torch.Generator().manual_seed(settings.seed + utils.RANK_SEED_STRIDE * utils.rank()),  # workers
+        worker_init_fn=devices.seed_worker,
+        generator=torch.Generator().manual_seed(settings.seed + devices.RANK_SEED_STRIDE * devices.rank()),  # workers
     )
 
 
@@ -341,7 +342,7 @@ class Split:
 def build_split(
     config: dict[str, Any], data: Any, aug: Any, cache: Any, fold: int | None, device: torch.device, world: int
 ) -> Split:
-    settings, rank = LoopSettings.from_config(config), utils.rank()
+    settings, rank = LoopSettings.from_config(config), devices.rank()
     split = data.split_dataset() if fold is None else data.split_dataset(fold=fold, n_splits=config["n_splits"])
     train_idx, val_idx = split
     # The loaders hand over uint8 pixels and the device normalizes whole batches, when the preset allows it.
@@ -421,7 +422,7 @@ def wrap_model(model: nn.Module, config: dict[str, Any], device: torch.device, w
         return torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if utils.uses_every_gpu(config.get("device", "auto"), device) and config.get("data_parallel", True):
+    if devices.uses_every_gpu(config.get("device", "auto"), device) and config.get("data_parallel", True):
         return torch.nn.DataParallel(net)
     return net
 
@@ -445,7 +446,7 @@ class Trainer:
         self.settings = LoopSettings.from_config(state.config)
         self.criterion = criterion.to(device)
         self.num_classes = data.num_classes
-        self.main_rank = utils.rank() == 0
+        self.main_rank = devices.rank() == 0
         self.train_model = wrap_model(state.model, state.config, device, world)
         self.writer = None
 
@@ -467,7 +468,7 @@ class Trainer:
         progress["time_s"] += time.time() - start
         if not finished:
             return None
-        gathered = utils.gather_objects((progress["loss_sum"], progress["preds"], progress["targets"]))
+        gathered = devices.gather_objects((progress["loss_sum"], progress["preds"], progress["targets"]))
         preds = torch.cat([t for _, p, _ in gathered for t in p]).numpy()
         targets = torch.cat([t for _, _, g in gathered for t in g]).numpy()
         s.progress = None
@@ -570,7 +571,7 @@ class Trainer:
                     print(f"Early stopping: no better validation {self.settings.eval_metric} for {s.stopper.patience}"
                           " epochs")  # fmt: skip
                     break
-                if utils.any_rank(bool(stop)):
+                if devices.any_rank(bool(stop)):
                     print(f"Stopped by {stop.signal} after epoch {epoch}; continue: python train.py --resume "
                           f"{shlex.quote(str(self.run_dir))}")  # fmt: skip
                     raise utils.Stopped(stop.signal, self.run_dir)
@@ -607,7 +608,7 @@ def fit(
 ) -> dict[str, Any]:
     """Train one split (the holdout or one fold) into `run_dir`, from the start or from `checkpoint`. Returns the
     split's `fold_result` (for out-of-fold predictions); a signal raises utils.Stopped after saving last.pth."""
-    utils.seed_everything(config["seed"])  # each split alone: --fold 2 trains as fold 2 of --fold all does
+    devices.seed_everything(config["seed"])  # each split alone: --fold 2 trains as fold 2 of --fold all does
     split = build_split(config, data, aug, cache, fold, device, world)
     print(
         f"Data: {config['data_dir']} | {len(data)} images, {len(split.train_set)} train / {len(split.val_set)} val "
@@ -624,7 +625,7 @@ def fit(
         steps = f" and {state.progress['step']} steps of epoch {state.progress['epoch']}" if state.progress else ""
         print(f"Resuming {run_dir} after epoch {state.epoch}{steps}")
     if world > 1:
-        utils.seed_for_rank(utils.rank())
+        devices.seed_for_rank(devices.rank())
     config.update(train_images=len(split.train_set), val_images=len(split.val_set))
     trainer = Trainer(state, split, build_criterion(config, split, state.model, data.num_classes), data, run_dir,
                       device, world)  # fmt: skip

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 import augmentation as augmentation_module
 import cache as cache_module
 import dataset as dataset_module
+import devices
 import evaldata
 import imaging
 import predict
@@ -297,7 +298,7 @@ def main(args: Namespace) -> Path:
     members = check_members(args)
     config = members[0].config
     images = evaldata.find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
-    device = utils.select_device(args.device)
+    device = devices.select_device(args.device)
     # Every checkpoint is loaded (on the CPU) before anything is written, so a bad run fails without output.
     used = [m for m in members if m.weight > 0]
     models = [rundir.load_model(m.checkpoint, m.config)[0] for m in used]

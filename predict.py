@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import augmentation
+import devices
 import model as model_module
 import utils
 from utils import UserError
@@ -74,7 +75,7 @@ class Evaluation:
 
 def gather_in_order(part: torch.Tensor) -> torch.Tensor:
     """Every rank's share of a strided split (rank r holds items r, r + world, ...) back in item order."""
-    parts = utils.gather_objects(part)
+    parts = devices.gather_objects(part)
     if len(parts) == 1:
         return part
     shape = next((p for p in parts if len(p)), part)  # a rank with nothing to predict sends an empty (0, 0) part

@@ -24,6 +24,7 @@ import augmentation as augmentation_module
 import cache as cache_module
 import dataset as dataset_module
 import demo
+import devices
 import engine
 import flagcheck
 import imaging
@@ -437,12 +438,12 @@ def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
     if args.resume:
         args, resumed, checkpoints = resume_args(args, sys.argv[1:] if argv is None else argv)
     flagcheck.check_args(args)
-    rank, world, device = utils.init_distributed(args.device, args.dist_timeout)
+    rank, world, device = devices.init_distributed(args.device, args.dist_timeout)
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
             return train(args, resumed, checkpoints, world, device)
     finally:
-        utils.cleanup_distributed()
+        devices.cleanup_distributed()
 
 
 def resolve_defaults(args: Namespace, data: Any) -> None:
@@ -505,7 +506,7 @@ def train(
 ) -> Path:
     predict.check_amp(args.amp, device)
     data_dir = demo.resolve_train_dir(args.data_dir, files_ok=args.dataset == "CSVDataset")
-    utils.seed_everything(args.seed)
+    devices.seed_everything(args.seed)
     data_cls = flagcheck.dataset_classes()[args.dataset]
     data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
     resolve_defaults(args, data)
@@ -518,20 +519,20 @@ def train(
         data, decode, aug.load_size, args.cache, args.num_workers + 1, args.cache_dir, args.skip_bad_images
     )  # workers: the loader's do not exist yet, so their cores decode
     run_dir = resumed
-    if resumed is not None and utils.rank() == 0:  # what a killed writer left half-written, never to be renamed
+    if resumed is not None and devices.rank() == 0:  # what a killed writer left half-written, never to be renamed
         for folder in (run_dir, *rundir.fold_dirs(run_dir)):
             utils.remove_leftovers(folder)
     if run_dir is None:  # rank 0 names the run; every rank writes (only rank 0) into that one directory
-        name = str(rundir.increment_path(Path(args.model_dir) / args.name)) if utils.rank() == 0 else None
-        run_dir = Path(utils.broadcast_object(name))
+        name = str(rundir.increment_path(Path(args.model_dir) / args.name)) if devices.rank() == 0 else None
+        run_dir = Path(devices.broadcast_object(name))
     try:
         config = run_config(args, data, aug, (mean, std), data_dir, run_dir, bad_images, world)
-        if utils.rank() == 0 and bad_images:
+        if devices.rank() == 0 and bad_images:
             rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
             utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))
         return train_folds(config, data, aug, cache, run_dir, checkpoints if resumed else None, world, device)
     except UserError:
-        if resumed is None and utils.rank() == 0:
+        if resumed is None and devices.rank() == 0:
             rundir.remove_unused(run_dir)
         raise
 
@@ -551,7 +552,7 @@ def train_folds(
     from its last.pth (or the checkpoint given for it), and the rest train from the start."""
     plan, results = fold_plan(config), []
     kfold = len(plan) > 1
-    if kfold and utils.rank() == 0:
+    if kfold and devices.rank() == 0:
         rundir.save_config({**config, "fold_index": None}, run_dir)
     for k, fold in enumerate(plan):
         fold_dir = rundir.fold_dir(run_dir, fold) if kfold else run_dir
@@ -575,7 +576,7 @@ def train_folds(
             stopped.run_dir = run_dir  # a k-fold run resumes through its own directory
             raise
         results.append(result)
-    if kfold and utils.rank() == 0:
+    if kfold and devices.rank() == 0:
         report.write_oof(run_dir, data, results)
     return run_dir
 

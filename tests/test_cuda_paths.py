@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import devices
 import engine
 import predict
 import utils
@@ -32,7 +33,7 @@ def two_gpus(monkeypatch):
     ("flag", "data_parallel"), [("auto", True), ("cuda", True), ("cuda:0", False), ("cuda:1", False)]
 )
 def test_a_device_with_an_index_means_that_one_gpu(two_gpus, flag, data_parallel):
-    device = utils.select_device(flag)
+    device = devices.select_device(flag)
     config = {"device": flag, "compile": False, "resize": [8, 8], "data_parallel": True}
     net = engine.wrap_model(torch.nn.Linear(2, 2), config, device, world=1)
     assert isinstance(net, torch.nn.DataParallel) == data_parallel
@@ -41,7 +42,7 @@ def test_a_device_with_an_index_means_that_one_gpu(two_gpus, flag, data_parallel
 
 def test_a_gpu_index_out_of_range_is_one_line(two_gpus):
     with pytest.raises(utils.UserError, match=r"--device cuda:2: only 2 GPU\(s\) are visible \(cuda:0 .. cuda:1\)"):
-        utils.select_device("cuda:2")
+        devices.select_device("cuda:2")
 
 
 @pytest.mark.parametrize(("local_rank", "visible", "index"), [(0, 2, 0), (1, 2, 1), (3, 1, 0), (5, 4, 1)])
@@ -56,7 +57,7 @@ def test_local_rank_binds_modulo_the_visible_gpus(monkeypatch, local_rank, visib
     bound = []
     monkeypatch.setattr(torch.cuda, "set_device", bound.append)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # no process group is started
-    rank, world, device = utils.init_distributed("auto")
+    rank, world, device = devices.init_distributed("auto")
     assert (rank, world, device) == (local_rank, 8, torch.device("cuda", index)) and bound == [device]
 
 
@@ -81,7 +82,7 @@ def test_bf16_is_checked_without_emulation_on_the_chosen_gpu(monkeypatch, native
 
 
 def test_resume_with_fewer_gpus_restores_what_it_can_and_says_so(monkeypatch, capsys):
-    state = utils.rng_state()
+    state = devices.rng_state()
     expected = torch.rand(3)  # what the CPU generator draws next from `state`
     state["cuda"] = [torch.zeros(8, dtype=torch.uint8)] * 4  # the run had 4 GPUs
     restored = []
@@ -89,7 +90,7 @@ def test_resume_with_fewer_gpus_restores_what_it_can_and_says_so(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, index: restored.append(index))
     torch.manual_seed(123)
-    utils.set_rng_state(state)
+    devices.set_rng_state(state)
     assert restored == [0, 1]  # no index past the GPUs present
     assert torch.equal(torch.rand(3), expected)
     assert "saved the random state of 4 GPU(s) and 2 are visible now" in capsys.readouterr().err
@@ -128,7 +129,7 @@ def test_a_rank_with_nothing_to_validate_contributes_an_empty_part(monkeypatch):
     assert parts[7].outputs.shape[0] == 0
     for name in ("outputs", "probs"):
         gathered = [getattr(p, name) for p in parts]
-        monkeypatch.setattr(utils, "gather_objects", lambda part, g=gathered: g)
+        monkeypatch.setattr(devices, "gather_objects", lambda part, g=gathered: g)
         full = predict.gather_in_order(gathered[0])
         expected = logits if name == "outputs" else torch.softmax(logits, 1)
         torch.testing.assert_close(full, expected)
@@ -185,19 +186,19 @@ def test_ranks_draw_different_augmentations_but_share_the_sampler_order(monkeypa
     images = torch.rand(4, 3, 16, 16)
     draws, orders = {}, {}
     for rank in (0, 1):
-        utils.seed_everything(42)  # what every rank does first: the same seed
-        utils.seed_for_rank(rank)
+        devices.seed_everything(42)  # what every rank does first: the same seed
+        devices.seed_for_rank(rank)
         first = torch.rand(8)
         mixed = augmentation.mix_batch(images, torch.tensor([0, 1, 2, 0]), 3, 0.4, 0.0, "box", 1.0)[0]
         draws[rank] = (first, mixed)
         orders[rank] = engine.EpochSampler(10, seed=42, rank=rank, world_size=2).order()
-        monkeypatch.setattr(utils, "rank", lambda r=rank: r)
+        monkeypatch.setattr(devices, "rank", lambda r=rank: r)
         loader = engine.make_loader(images, 2, engine.LoopSettings(seed=42, num_workers=0), torch.device("cpu"))
         draws[rank] += (loader.generator.initial_seed(),)
     assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
     assert draws[0][2] != draws[1][2]  # loader workers seeded apart too
     full = engine.EpochSampler(10, seed=42).order()
     assert sorted(orders[0] + orders[1]) == sorted(full) and orders[0] == full[0::2]  # one permutation, split
-    utils.seed_everything(42)
-    utils.seed_for_rank(1)
+    devices.seed_everything(42)
+    devices.seed_for_rank(1)
     assert torch.equal(torch.rand(8), draws[1][0])  # a rank's own draws are repeatable
