@@ -43,14 +43,34 @@ class AddGaussianNoise:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
+class DeviceConstant:
+    """A constant tensor copied once to each device it is used on: a host-to-device copy every batch waits on
+    the host and stalls the GPU's queue. Pickled (to loader workers) without its device copies."""
+
+    def __init__(self, values: Any, shape: Sequence[int]) -> None:
+        self.tensor, self.copies = torch.tensor(values, dtype=torch.float32).view(*shape), {}
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        copy = self.copies.get(device)
+        if copy is None:
+            copy = self.copies[device] = self.tensor.to(device)
+        return copy
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "copies": {}}
+
+
+GRAY_WEIGHTS = DeviceConstant([0.299, 0.587, 0.114], (1, 3, 1, 1))  # ITU-R 601 luma
+
+
 class ToNormalizedTensor:
     """ToTensor then Normalize in one step: RGB PIL image -> CHW float32 (x / 255 - mean) / std. Several times
     cheaper than the two (one pass over the pixels, no intermediate tensor), the same values up to rounding."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean, self.std = tuple(mean), tuple(std)
-        self.scale = torch.tensor([1 / (255 * s) for s in self.std]).view(3, 1, 1)
-        self.shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)]).view(3, 1, 1)
+        self.scale = DeviceConstant([1 / (255 * s) for s in self.std], (3, 1, 1))
+        self.shift = DeviceConstant([m / s for m, s in zip(self.mean, self.std, strict=True)], (3, 1, 1))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.on_batch(to_uint8_tensor(image))
@@ -254,7 +274,7 @@ class BatchAugment:
         jitter: float = 0.2,
     ) -> None:
         self.resize, self.crop_fraction = tuple(resize), tuple(crop_fraction)
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.mean, self.std = DeviceConstant(mean, (1, 3, 1, 1)), DeviceConstant(std, (1, 3, 1, 1))
         self.flip, self.scale, self.shift, self.jitter = flip, scale, shift, jitter
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -277,7 +297,7 @@ class BatchAugment:
         if self.jitter:
             j = self.jitter
             x = x * uniform(1 - j, 1 + j).view(n, 1, 1, 1)  # brightness
-            gray = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            gray = (x * GRAY_WEIGHTS.to(device)).sum(1, keepdim=True)
             x = gray.mean((2, 3), keepdim=True) + (x - gray.mean((2, 3), keepdim=True)) * uniform(1 - j, 1 + j).view(
                 n, 1, 1, 1
             )  # contrast around each image's mean gray

@@ -130,6 +130,13 @@ def add_runtime_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch_size", type=int, default=256, help="images per batch")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument(
+        "--amp",
+        choices=("run", "off", "fp16", "bf16"),
+        default="run",
+        help="precision: run = each run's own --amp on a GPU (bf16 falls back to fp16 where the GPU has no native "
+        "bfloat16) and off on a CPU",
+    )
+    g.add_argument(
         "--num_workers",
         type=int,
         default=int(utils.env_value("NUM_WORKERS", utils.default_num_workers())),
@@ -274,10 +281,24 @@ def check_images(images: evaldata.EvalImages, load_size: Sequence[int], num_work
         raise UserError(f"{len(bad)} eval image(s) cannot be read: {listing}. Every image needs a prediction: {fix}")
 
 
+def member_amp(flag: str, config: dict[str, Any], device: torch.device) -> str:
+    """The precision a member predicts in: `--amp`, or for `run` its run's own where this device has it."""
+    if flag != "run":
+        return flag  # checked by main
+    amp = config.get("amp", "off") if device.type == "cuda" else "off"
+    return "fp16" if amp == "bf16" and not predict.bf16_native(device) else amp
+
+
 def predict_member(
-    model: torch.nn.Module, aug: Any, images: evaldata.EvalImages, args: Namespace, device: torch.device
+    model: torch.nn.Module,
+    aug: Any,
+    images: evaldata.EvalImages,
+    args: Namespace,
+    device: torch.device,
+    config: dict[str, Any],
 ) -> np.ndarray:
-    """One model's class probabilities for every image, averaged over the TTA views (predict.evaluate)."""
+    """One model's class probabilities for every image, averaged over the TTA views (predict.evaluate), in its
+    run's precision and memory layout."""
     transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
     loader = DataLoader(
         images.dataset(transform, aug.load_size),
@@ -287,9 +308,12 @@ def predict_member(
         pin_memory=device.type == "cuda",
     )
     views = augmentation_module.tta_views(args.tta)
+    channels_last = bool(config.get("channels_last")) and device.type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     result = predict.evaluate(
-        model.to(device), loader, device, views=views, batch_transform=batch_transform, progress="inference"
-    )
+        model, loader, device, views=views, batch_transform=batch_transform, amp=member_amp(args.amp, config, device),
+        channels_last=channels_last, progress="inference",
+    )  # fmt: skip
     model.cpu()  # one model on the accelerator at a time
     return result.probs.double().numpy()
 
@@ -299,6 +323,8 @@ def main(args: Namespace) -> Path:
     config = members[0].config
     images = evaldata.find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
     device = devices.select_device(args.device)
+    if args.amp != "run":
+        predict.check_amp(args.amp, device)
     # Every checkpoint is loaded (on the CPU) before anything is written, so a bad run fails without output.
     used = [m for m in members if m.weight > 0]
     models = [rundir.load_model(m.checkpoint, m.config)[0] for m in used]
@@ -310,11 +336,12 @@ def main(args: Namespace) -> Path:
     probs = np.zeros((len(images.image_ids), config["num_classes"]))
     for m, model, aug in zip(used, models, augs, strict=True):
         share = f", weight {m.weight:.3g}" if len(members) > 1 else ""
+        amp = member_amp(args.amp, m.config, device)
         print(
             f"Predicting {len(images.image_ids)} images of {images.source} with {m.checkpoint} on {device} "
-            f"({len(augmentation_module.tta_views(args.tta))} TTA view(s){share})"
+            f"({len(augmentation_module.tta_views(args.tta))} TTA view(s), amp {amp}{share})"
         )
-        probs += m.weight * predict_member(model, aug, images, args, device)
+        probs += m.weight * predict_member(model, aug, images, args, device, m.config)
     preds = probs.argmax(1)
 
     names = rundir.class_names_of(config)

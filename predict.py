@@ -56,6 +56,22 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
+class AutocastReplica(nn.Module):
+    """The model under autocast from inside its own forward, for DataParallel: each replica runs in a thread of
+    its own, where DataParallel re-enters autocast without the dtype (torch 2.14), and a new thread's autocast
+    dtype is fp16. A bf16 run would train in fp16 without loss scaling; here every replica keeps `amp`."""
+
+    wraps_module = True
+
+    def __init__(self, module: nn.Module, amp: str, device: torch.device) -> None:
+        super().__init__()
+        self.module, self.amp, self.device_type = module, amp, device.type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with autocast(self.amp, torch.device(self.device_type)):
+            return self.module(*args, **kwargs)
+
+
 def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
     """A GradScaler, active only for fp16 (bf16 has fp32's range and needs no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -91,7 +107,7 @@ def rank_share(subset: torch.utils.data.Dataset, rank: int, world: int) -> torch
     return subset if world == 1 else torch.utils.data.Subset(subset, range(rank, len(subset), world))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     loader: Any,
@@ -100,6 +116,7 @@ def evaluate(
     views: Sequence[str] = ("identity",),
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     amp: str = "off",
+    channels_last: bool = False,
     criterion: nn.Module | None = None,
     targets: Sequence[int] | None = None,
     num_classes: int | None = None,
@@ -114,17 +131,21 @@ def evaluate(
         images = images.to(device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for k, name in enumerate(views):
+            view = augmentation.VIEWS[name](images)
+            if channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
             with autocast(amp, device):
-                out = model(augmentation.VIEWS[name](images)).float().cpu()
+                out = model(view).float()
             if k == 0:
                 outputs.append(out)
             total = total + torch.softmax(model_module.to_class_logits(out, model), dim=1)
-        probs.append(total / len(views))
+        probs.append(total / len(views))  # kept on the device: one copy to the host at the end, not one a batch
     if not outputs:  # this rank's share is empty: more ranks than images
         outputs, probs = [torch.empty(0, 0)], [torch.empty(0, 0)]
-    result = Evaluation(gather_in_order(torch.cat(outputs)), gather_in_order(torch.cat(probs)))
+    outputs, probs = torch.cat(outputs).cpu(), torch.cat(probs).cpu()
+    result = Evaluation(gather_in_order(outputs), gather_in_order(probs))
     if targets is not None:
         truth = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
         preds = result.probs.argmax(1).numpy()

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -62,6 +63,15 @@ class Stopped(Exception):  # noqa: N818 (not an error: the run was asked to stop
 def run_main(main: Callable[[Any], Any], args: Any) -> None:
     """Run a script's `main(args)`, turning a `UserError` into one line on stderr and exit code 2, and a run
     stopped by a signal (after saving) into exit code 128 + the signal's number."""
+    default_hook = threading.excepthook
+
+    def thread_hook(hook_args: threading.ExceptHookArgs) -> None:
+        # TensorBoard's writer thread keeps its error and raises it again in the main thread's next write or
+        # close, which reports it in one line below: its own traceback would be a second report.
+        if hook_args.exc_value is None or not out_of_space(hook_args.exc_value):
+            default_hook(hook_args)
+
+    threading.excepthook = thread_hook
     try:
         main(args)
     except UserError as e:
@@ -76,6 +86,8 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
         print(f"error: no space left on the device{where}: free some space and rerun; finished checkpoints are kept",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
+    finally:
+        threading.excepthook = default_hook
 
 
 def error_chain(error: BaseException) -> list[BaseException]:
@@ -342,9 +354,12 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers, and the project's own
+    (a class with `wraps_module = True` holding the model as `.module`, such as predict.AutocastReplica)."""
     while True:
-        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) or getattr(
+            type(model), "wraps_module", False
+        ):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

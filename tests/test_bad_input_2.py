@@ -505,6 +505,33 @@ def test_a_full_disk_in_any_writer_is_one_line(capsys, tmp_path):
         utils.run_main(lambda args: (_ for _ in ()).throw(RuntimeError("a bug")), None)
 
 
+def test_a_full_disk_in_tensorboards_writer_thread_is_still_one_line(capsys, tmp_path, monkeypatch):
+    """TensorBoard writes its event file from a thread of its own: the thread's error (printed by threading's
+    hook as a traceback) is raised again in the main thread, which reports it once."""
+    import errno
+    import threading
+
+    def main(args):
+        kept = []
+
+        def writer_thread():
+            kept.append(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "events.out.tfevents.1")))
+            raise kept[0]
+
+        thread = threading.Thread(target=writer_thread)
+        thread.start()
+        thread.join()
+        raise kept[0]  # what SummaryWriter's next add_scalar or close does
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # a script's: print the traceback
+    before = threading.excepthook
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(main, None)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert threading.excepthook is before  # set for the run only
+
+
 def test_flags_that_need_the_data_are_checked_before_any_image_is_decoded(demo_root, tmp_path):
     for extra in (["--fold", "all", "--n_splits", "20"], ["--fold", "3", "--n_splits", "13"]):
         done = run_script("train.py", *tiny_run_args(demo_root, *extra), cwd=tmp_path)

@@ -40,6 +40,47 @@ def test_a_device_with_an_index_means_that_one_gpu(two_gpus, flag, data_parallel
     assert len(two_gpus) == int(data_parallel)
 
 
+def run_in_new_thread(module, x):
+    """What DataParallel's parallel_apply does with each replica: its forward in a thread of its own, where the
+    caller's autocast (thread-local) is not in force."""
+    import threading
+
+    out = []
+    thread = threading.Thread(target=lambda: out.append(module(x)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_dataparallel_replicas_keep_the_runs_bf16(two_gpus):
+    config = {"device": "cuda", "compile": False, "resize": [8, 8], "data_parallel": True, "amp": "bf16"}
+    net = engine.wrap_model(torch.nn.Linear(4, 4), config, torch.device("cuda"), world=1)
+    replica = net.module
+    assert isinstance(replica, predict.AutocastReplica) and replica.amp == "bf16" and replica.device_type == "cuda"
+    assert utils.unwrap_model(net) is replica.module  # checkpoints, EMA and class_logits see the bare model
+    # The mechanism, on the CPU's autocast: a bare replica in a new thread loses the dtype; the wrapper keeps it.
+    x, linear = torch.rand(2, 4), torch.nn.Linear(4, 4)
+    with predict.autocast("bf16", torch.device("cpu")):
+        assert linear(x).dtype == torch.bfloat16
+        assert run_in_new_thread(linear, x).dtype == torch.float32
+        wrapped = predict.AutocastReplica(linear, "bf16", torch.device("cpu"))
+        assert run_in_new_thread(wrapped, x).dtype == torch.bfloat16
+
+
+def test_compile_with_dataparallel_declines_with_one_warning(two_gpus, monkeypatch, capsys):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(m) or m)
+    config = {"device": "auto", "compile": True, "resize": [8, 8], "data_parallel": True, "amp": "off"}
+    net = engine.wrap_model(torch.nn.Linear(2, 2), config, torch.device("cuda"), world=1)
+    assert isinstance(net, torch.nn.DataParallel) and not compiled
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile with DataParallel over 2 GPUs is not supported" in err[0]
+    assert "torchrun" in err[0]
+    # One GPU (cuda:1): compile still runs.
+    engine.wrap_model(torch.nn.Linear(2, 2), {**config, "device": "cuda:1"}, torch.device("cuda:1"), world=1)
+    assert len(compiled) == 1
+
+
 def test_a_gpu_index_out_of_range_is_one_line(two_gpus):
     with pytest.raises(utils.UserError, match=r"--device cuda:2: only 2 GPU\(s\) are visible \(cuda:0 .. cuda:1\)"):
         devices.select_device("cuda:2")
@@ -202,3 +243,174 @@ def test_ranks_draw_different_augmentations_but_share_the_sampler_order(monkeypa
     devices.seed_everything(42)
     devices.seed_for_rank(1)
     assert torch.equal(torch.rand(8), draws[1][0])  # a rank's own draws are repeatable
+
+
+def _train_rank_with_a_nan(rank: int, store: str, results) -> None:
+    """One of two gloo ranks: 4 steps of DDP training, where rank 1's last batch holds a NaN image."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import schedule
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        x, y = torch.randn(8, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        if rank == 1:
+            x[6] = float("nan")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = engine.RunState(model, optimizer, schedule.Schedule(optimizer, "none", epochs=1, steps_per_epoch=4))
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+        state.new_progress(1)["steps"] = len(loader)
+        try:
+            engine.train_one_epoch(net, loader, torch.nn.CrossEntropyLoss(), state, engine.LoopSettings(),
+                                   torch.device("cpu"), 3)  # fmt: skip
+            results.put((rank, "finished"))
+        except utils.UserError as e:
+            results.put((rank, f"UserError: {e}"))
+        except Exception as e:  # noqa: BLE001 (a rank left waiting times out here)
+            results.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_train_rank_with_a_nan, args=(r, str(tmp_path / "store"), results)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in ranks)
+    finally:
+        for p in ranks:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert got[1] == "UserError: the loss became nan at epoch 1: lower --lr, or use --clip_grad 1"
+    assert (
+        got[0] == "UserError: the loss became inf or nan on another rank at epoch 1: lower --lr, or use --clip_grad 1"
+    )
+
+
+def test_the_loss_is_read_on_the_host_once_per_interval_with_the_same_metrics(monkeypatch):
+    import schedule
+
+    def run(interval: int) -> tuple[dict, int]:
+        monkeypatch.setattr(engine, "HOST_SYNC_STEPS", interval)
+        flushes = []
+        flush = engine.Tally.flush
+        monkeypatch.setattr(engine.Tally, "flush", lambda self, *a: flushes.append(1) or flush(self, *a))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = engine.RunState(model, optimizer, schedule.Schedule(optimizer, "none", epochs=1, steps_per_epoch=9))
+        data = torch.utils.data.TensorDataset(torch.randn(18, 3, 2, 2), torch.arange(18) % 3)
+        loader = torch.utils.data.DataLoader(data, batch_size=2)
+        state.new_progress(1)["steps"] = len(loader)
+        engine.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), state, engine.LoopSettings(grad_accum=2),
+                               torch.device("cpu"), 3)  # fmt: skip
+        return state.progress, len(flushes)
+
+    every_step, reads_every_step = run(1)  # at --grad_accum 2, reads only at optimizer steps: 2, 4, 6, 8 and 9
+    batched, reads = run(4)  # a read every 4 steps (a multiple of 2), and at the epoch's end: 4, 8 and 9
+    assert (reads_every_step, reads) == (5, 3)
+    assert batched["loss_sum"] == pytest.approx(every_step["loss_sum"], rel=1e-6)
+    assert torch.equal(torch.cat(batched["preds"]), torch.cat(every_step["preds"]))
+    assert torch.equal(torch.cat(batched["targets"]), torch.arange(18) % 3)
+
+
+def test_an_interrupted_ddp_epoch_saves_every_ranks_share_and_a_resume_counts_each_once(monkeypatch):
+    import types
+
+    shares = [(1.5, [torch.tensor([0, 1])], [torch.tensor([0, 2])]), (2.5, [torch.tensor([2])], [torch.tensor([1])])]
+    monkeypatch.setattr(devices, "gather_objects", lambda part: shares)
+    progress = {"epoch": 3, "step": 2, "loss_sum": 1.5, "preds": shares[0][1], "targets": shares[0][2], "time_s": 1.0}
+    trainer = types.SimpleNamespace(state=types.SimpleNamespace(progress=progress), main_rank=True)
+    engine.Trainer.gather_progress(trainer)
+    assert progress["loss_sum"] == 4.0
+    assert torch.equal(torch.cat(progress["targets"]), torch.tensor([0, 2, 1]))  # what last.pth saves
+    for rank, expected in ((0, 3), (1, 0)):
+        state = engine.RunState(None, None, None, progress={**progress, "preds": list(progress["preds"])})
+        state.keep_own_progress(rank)
+        assert sum(len(t) for t in state.progress["preds"]) == expected and state.progress["step"] == 2
+        assert state.progress["loss_sum"] == (4.0 if rank == 0 else 0.0)
+
+
+def test_only_rank_0_makes_fold_folders_and_reads_checkpoints(monkeypatch, tmp_path):
+    import train
+
+    monkeypatch.setattr(devices, "rank", lambda: 1)
+    sent = {"finished": False, "config": {"resumed": []}}
+    monkeypatch.setattr(devices, "broadcast_object", lambda value: sent)  # what rank 0 read
+    fitted = []
+    monkeypatch.setattr(engine, "fit", lambda config, *a, **k: fitted.append((config["run_dir"], a[7])) or {})
+    run_dir = tmp_path / "not-on-this-machine" / "exp"  # rank 0's folder: no shared file system
+    config = {"fold": "all", "n_splits": 2}
+    train.train_folds(config, None, None, None, run_dir, {}, 2, torch.device("cpu"))
+    assert [f[0] for f in fitted] == [str(run_dir / "fold0"), str(run_dir / "fold1")]
+    assert all(f[1] is sent for f in fitted) and not (tmp_path / "not-on-this-machine").exists()
+
+
+def test_device_constants_are_copied_once_and_pickled_without_copies():
+    import pickle
+
+    import augmentation
+
+    constant = augmentation.DeviceConstant([1.0, 2.0, 3.0], (1, 3, 1, 1))
+    assert constant.to(torch.device("cpu")) is constant.to(torch.device("cpu"))
+    assert constant.copies and not pickle.loads(pickle.dumps(constant)).copies
+
+
+def test_prediction_runs_in_inference_mode_with_the_requested_layout():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.is_inference_mode_enabled(), x.is_contiguous(memory_format=torch.channels_last)))
+            return x.mean((2, 3))
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(4, 3, 4, 4), torch.zeros(4)), 2)
+    for channels_last in (False, True):
+        seen.clear()
+        predict.evaluate(Recorder(), loader, torch.device("cpu"), channels_last=channels_last)
+        assert seen == [(True, channels_last)] * 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "run_amp", "device", "native", "expected"),
+    [
+        ("run", "bf16", "cuda", True, "bf16"),
+        ("run", "bf16", "cuda", False, "fp16"),  # T4, V100: no native bfloat16
+        ("run", "fp16", "cuda", True, "fp16"),
+        ("run", "bf16", "cpu", True, "off"),
+        ("bf16", "off", "cpu", True, "bf16"),
+        ("off", "fp16", "cuda", True, "off"),
+    ],
+)
+def test_inference_predicts_in_the_runs_precision_where_the_device_has_it(
+    monkeypatch, flag, run_amp, device, native, expected
+):
+    import inference
+
+    monkeypatch.setattr(predict, "bf16_native", lambda d: native)
+    assert inference.member_amp(flag, {"amp": run_amp}, torch.device(device)) == expected
+
+
+def test_deterministic_sets_cudnn_and_the_deterministic_algorithms(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        devices.set_deterministic(True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert devices.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        devices.set_deterministic(False)
+    assert not torch.backends.cudnn.deterministic and not torch.are_deterministic_algorithms_enabled()
