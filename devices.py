@@ -119,6 +119,17 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Every floating-point buffer (BatchNorm statistics) averaged over the ranks (a no-op in one process)."""
+    if not is_distributed():
+        return
+    world = torch.distributed.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+            buffer.div_(world)
+
+
 def cleanup_distributed() -> None:
     if is_distributed():
         torch.distributed.destroy_process_group()
@@ -184,3 +195,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
             "uninterrupted run",
             file=sys.stderr,
         )
+
+
+def set_deterministic(enabled: bool) -> None:
+    """--deterministic: cuDNN and cuBLAS kernels that give the same result each time (atomics-based ones are
+    not), so a resumed GPU run matches an uninterrupted one; an op without a deterministic kernel warns."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = enabled, False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)

@@ -157,6 +157,7 @@ class RunState:
     scaler: torch.amp.GradScaler | None = None
     stopper: utils.EarlyStopping = field(default_factory=utils.EarlyStopping)
     ema: AveragedModel | None = None
+    swa: AveragedModel | None = None  # --swa_start: the equal-weight average of the epochs' weights from then on
     epoch: int = 0  # the last finished epoch
     progress: dict[str, Any] | None = None  # the epoch in progress: step, loss_sum, preds, targets, time_s
     best_score: float = -math.inf
@@ -175,6 +176,7 @@ class RunState:
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
             "stopper": self.stopper.state_dict(),
             "epoch": self.epoch,
             "progress": self.progress,
@@ -201,6 +203,8 @@ class RunState:
                   "fresh at its initial scale", file=sys.stderr)  # fmt: skip
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        if self.swa is not None and state.get("swa"):
+            self.swa.load_state_dict(state["swa"])
         self.stopper.load_state_dict(state["stopper"])
         self.epoch, self.progress, self.rows = state["epoch"], state["progress"], state["rows"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
@@ -208,6 +212,12 @@ class RunState:
         self.folds_left, self.finished = list(state.get("folds_left", [])), bool(state.get("finished"))
         if state.get("rng"):
             devices.set_rng_state(state["rng"])
+
+    def keep_own_progress(self, rank: int) -> None:
+        """After a resume under DDP: the saved partial epoch holds every rank's share (Trainer.gather_progress),
+        so rank 0 keeps it and the other ranks continue from empty shares; the epoch's metrics count each once."""
+        if self.progress is not None and rank != 0:
+            self.progress.update(loss_sum=0.0, preds=[], targets=[])
 
     def new_progress(self, epoch: int) -> dict[str, Any]:
         self.progress = {"epoch": epoch, "step": 0, "loss_sum": 0.0, "preds": [], "targets": [], "time_s": 0.0}
@@ -230,6 +240,39 @@ def fold_result(state: dict[str, Any] | RunState) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------
 # One epoch
+HOST_SYNC_STEPS = 20  # steps between reads of the loss on the host: each read waits for the GPU's queue to drain
+
+
+class Tally:
+    """The epoch's loss sum and predictions, kept on the device between host reads (each `.item()` or `.cpu()`
+    of a CUDA tensor waits for the GPU), and moved into the epoch's progress every `HOST_SYNC_STEPS` steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.loss_sum, self.preds, self.targets = device, torch.zeros((), device=device), [], []
+        self.last_loss = torch.zeros((), device=device)
+
+    def add(self, loss: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        self.last_loss = loss.detach()
+        self.loss_sum += self.last_loss * len(targets)
+        self.preds.append(preds)
+        self.targets.append(targets)
+
+    def flush(self, progress: dict[str, Any], bar: Any) -> None:
+        """Into `progress`, after deciding across ranks whether any loss was not finite (a rank that raised alone
+        would leave the others waiting in their next collective)."""
+        loss_sum = float(self.loss_sum)
+        if devices.any_rank(not math.isfinite(loss_sum)):
+            where = f"became {loss_sum}" if not math.isfinite(loss_sum) else "became inf or nan on another rank"
+            raise UserError(f"the loss {where} at epoch {progress['epoch']}: lower --lr, or use --clip_grad 1")
+        if self.targets:
+            progress["loss_sum"] += loss_sum
+            progress["preds"].append(torch.cat(self.preds).cpu())
+            progress["targets"].append(torch.cat(self.targets))
+            bar.set_postfix(loss=f"{float(self.last_loss):.3f}")
+        self.loss_sum.zero_()
+        self.preds, self.targets = [], []
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Any,
@@ -248,10 +291,14 @@ def train_one_epoch(
     progress, optimizer = state.progress, state.optimizer
     scaler = state.scaler or predict.make_scaler("off", device)
     accum, mixing = settings.grad_accum, settings.mixup > 0 or settings.cutmix > 0
+    # Host reads at optimizer steps only; one process checks for a stop every step (free), DDP ranks agree on it
+    # at the host reads (a collective).
+    interval, alone = accum * max(1, HOST_SYNC_STEPS // accum), not devices.is_distributed()
+    tally = Tally(device)
     bar = tqdm(loader, desc=f"epoch {progress['epoch']}", leave=False, disable=not sys.stderr.isatty())
     optimizer.zero_grad(set_to_none=True)
-    for images, targets in bar:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    for images, labels in bar:
+        images, targets = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
         if settings.channels_last:
@@ -278,15 +325,12 @@ def train_one_epoch(
             state.schedule.step_batch()
             if state.ema is not None:
                 state.ema.update_parameters(utils.unwrap_model(model))
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"the loss became {loss.item()} at epoch {progress['epoch']}: lower --lr, or use --clip_grad 1"
-            )
-        progress["loss_sum"] += loss.item() * len(targets)
-        progress["preds"].append(model_module.to_class_logits(outputs.detach().float(), model).argmax(1).cpu())
-        progress["targets"].append(targets.cpu())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if progress["step"] % accum == 0 and devices.any_rank(bool(stop)):  # all ranks stop at the same step
+        tally.add(loss, model_module.to_class_logits(outputs.detach().float(), model).argmax(1), labels)
+        synced = progress["step"] % interval == 0 or progress["step"] == progress["steps"]
+        if synced:
+            tally.flush(progress, bar)
+        if progress["step"] % accum == 0 and (alone or synced) and devices.any_rank(bool(stop)):
+            tally.flush(progress, bar)  # all ranks stop at the same step
             return False
     return True
 
@@ -390,7 +434,8 @@ def build_state(config: dict[str, Any], split: Split, num_classes: int, device: 
     steps = math.ceil(len(split.train_loader) / config.get("grad_accum", 1))
     schedule = schedule_module.Schedule(
         optimizer, config["scheduler"], config["epochs"], steps, config.get("warmup_epochs", 0.0),
-        config.get("lr_decay_step", 20), config.get("gamma", 0.5),
+        config.get("lr_decay_step", 20), config.get("gamma", 0.5), swa_start=config.get("swa_start", 0),
+        swa_lr=config.get("swa_lr"),
     )  # fmt: skip
     return RunState(
         model,
@@ -400,6 +445,7 @@ def build_state(config: dict[str, Any], split: Split, num_classes: int, device: 
         scaler=predict.make_scaler(config.get("amp", "off"), device),
         stopper=utils.EarlyStopping(config.get("patience", 0)),
         ema=schedule_module.make_ema(model, config["ema"]) if config.get("ema") else None,
+        swa=schedule_module.make_swa(model) if config.get("swa_start") else None,
         val_idx=split.val_idx.tolist(),
     )
 
@@ -417,13 +463,25 @@ def build_criterion(config: dict[str, Any], split: Split, model: nn.Module, num_
 
 def wrap_model(model: nn.Module, config: dict[str, Any], device: torch.device, world: int) -> nn.Module:
     """The model as training calls it: compiled (--compile), in DistributedDataParallel or DataParallel."""
-    net = maybe_compile(model, config.get("compile", False), config["resize"], device)
+    data_parallel = world == 1 and devices.uses_every_gpu(config.get("device", "auto"), device)
+    data_parallel = data_parallel and config.get("data_parallel", True)
+    compiling = config.get("compile", False)
+    if compiling and data_parallel:
+        # replicate() of a compiled module writes through to the original and empties it: the first step fails.
+        print(
+            f"warning: --compile with DataParallel over {torch.cuda.device_count()} GPUs is not supported (a "
+            "replicated compiled model loses its weights): training without --compile; launch with torchrun "
+            "for compiled multi-GPU training",
+            file=sys.stderr,
+        )
+        compiling = False
+    net = maybe_compile(model, compiling, config["resize"], device)
     if world > 1:
         return torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if devices.uses_every_gpu(config.get("device", "auto"), device) and config.get("data_parallel", True):
-        return torch.nn.DataParallel(net)
+    if data_parallel:
+        return torch.nn.DataParallel(predict.AutocastReplica(net, config.get("amp", "off"), device))
     return net
 
 
@@ -482,9 +540,23 @@ class Trainer:
     def validate(self, net: nn.Module, name: str) -> predict.Evaluation:
         return predict.evaluate(
             net, self.split.val_loader, self.device, batch_transform=self.split.eval_batch_transform,
-            amp=self.settings.amp, criterion=self.criterion, targets=self.split.val_set.targets,
-            num_classes=self.num_classes, progress=name,
+            amp=self.settings.amp, channels_last=self.settings.channels_last, criterion=self.criterion,
+            targets=self.split.val_set.targets, num_classes=self.num_classes, progress=name,
         )  # fmt: skip
+
+    def averages(self, epoch: int) -> list[tuple[str, AveragedModel]]:
+        """The weight averages validated beside the model this epoch: the EMA, and from --swa_start on the SWA
+        average, given this epoch's weights and then its BatchNorm statistics over the training split."""
+        s, found = self.state, []
+        if s.ema is not None:
+            found.append(("ema", s.ema))
+        if s.swa is not None and epoch >= s.config["swa_start"]:
+            s.swa.update_parameters(s.model)
+            self.split.sampler.set_epoch(epoch)  # all of the epoch's batches, after a resume mid-epoch too
+            schedule_module.update_bn(s.swa, self.split.train_loader, self.device, self.split.batch_transform)
+            devices.average_buffers(s.swa.module)  # each rank's statistics are over its own share
+            found.append(("swa", s.swa))
+        return found
 
     def validate_epoch(
         self, epoch: int, train: dict[str, float]
@@ -498,11 +570,11 @@ class Trainer:
         chosen, weights = self.validate(net, "validation"), self.state.model
         row = {"epoch": epoch, **{k: v for k, v in train.items() if k != "time_s"}}
         row.update({f"val_{k}": chosen.metrics[k] for k in ("loss", "acc", "f1")})
-        if self.state.ema is not None:
-            ema = self.validate(self.state.ema.module, "validation (EMA)")
-            row.update({f"ema_val_{k}": ema.metrics[k] for k in ("loss", "acc", "f1")})
-            if score_of(ema.metrics, metric) > score_of(chosen.metrics, metric):
-                chosen, weights = ema, self.state.ema.module
+        for name, average in self.averages(epoch):
+            result = self.validate(average.module, f"validation ({name.upper()})")
+            row.update({f"{name}_val_{k}": result.metrics[k] for k in ("loss", "acc", "f1")})
+            if score_of(result.metrics, metric) > score_of(chosen.metrics, metric):
+                chosen, weights = result, average.module
         val_preds = chosen.probs.argmax(1).numpy()
         row.update(report.task_metrics(self.data, self.split.val_set.targets, val_preds))
         score = score_of(chosen.metrics, metric)
@@ -520,7 +592,7 @@ class Trainer:
         s.rows.append(row)
         s.epoch = row["epoch"]
         print(report.log_line(row, self.settings.epochs, self.settings.eval_metric), flush=True)
-        s.schedule.step_epoch(score)
+        s.schedule.step_epoch(score, row["epoch"])
         if row["best"]:
             s.best_score, s.best_epoch, s.best_probs = score, row["epoch"], chosen.probs
         stopping = s.stopper.step(score)
@@ -551,6 +623,15 @@ class Trainer:
             )  # fmt: skip
         self.save("last.pth")
 
+    def gather_progress(self) -> None:
+        """Every rank's share of the interrupted epoch's loss and predictions into rank 0's progress, the one
+        last.pth saves; on resume the other ranks start their shares empty (`RunState.keep_own_progress`)."""
+        p = self.state.progress
+        parts = devices.gather_objects((p["loss_sum"], p["preds"], p["targets"]))
+        if len(parts) > 1 and self.main_rank:
+            p["loss_sum"] = sum(part[0] for part in parts)
+            p["preds"], p["targets"] = [t for part in parts for t in part[1]], [t for part in parts for t in part[2]]
+
     def run(self) -> None:
         """Train the remaining epochs; a signal stops training after the current step, saves last.pth and raises
         utils.Stopped (scripts exit with 128 + the signal's number, so `train.py && inference.py` stops too)."""
@@ -560,6 +641,7 @@ class Trainer:
             for epoch in range(first, self.settings.epochs + 1):
                 train = self.train_epoch(epoch, stop)
                 if train is None:
+                    self.gather_progress()
                     self.save("last.pth")
                     print(
                         f"Stopped by {stop.signal or 'a signal'} in epoch {epoch} after step {s.progress['step']}; "
@@ -608,6 +690,7 @@ def fit(
 ) -> dict[str, Any]:
     """Train one split (the holdout or one fold) into `run_dir`, from the start or from `checkpoint`. Returns the
     split's `fold_result` (for out-of-fold predictions); a signal raises utils.Stopped after saving last.pth."""
+    devices.set_deterministic(config.get("deterministic", False))
     devices.seed_everything(config["seed"])  # each split alone: --fold 2 trains as fold 2 of --fold all does
     split = build_split(config, data, aug, cache, fold, device, world)
     print(
@@ -625,6 +708,7 @@ def fit(
         steps = f" and {state.progress['step']} steps of epoch {state.progress['epoch']}" if state.progress else ""
         print(f"Resuming {run_dir} after epoch {state.epoch}{steps}")
     if world > 1:
+        state.keep_own_progress(devices.rank())
         devices.seed_for_rank(devices.rank())
     config.update(train_images=len(split.train_set), val_images=len(split.val_set))
     trainer = Trainer(state, split, build_criterion(config, split, state.model, data.num_classes), data, run_dir,

@@ -48,6 +48,8 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric
     "gamma": ("in (0, 1], the factor the rate is multiplied by", lambda v: 0 < v <= 1),
     "task_weights": ("0 or more", lambda v: v >= 0),
     "ema": ("a decay in [0, 1), e.g. 0.999 (0: off)", lambda v: 0 <= v < 1),
+    "swa_start": ("0 (off) or an epoch to start from", lambda v: v >= 0),
+    "swa_lr": ("positive", lambda v: v > 0),
     "grad_accum": at_least(1),
     "clip_grad": ("0 (off) or more", lambda v: v >= 0),
     "mixup": ("0 (off) or more", lambda v: v >= 0),
@@ -74,6 +76,11 @@ def check_args(args: Namespace) -> None:
     check_ranges(args)
     if args.task_weights is not None and not sum(args.task_weights) > 0:
         raise UserError(f"--task_weights {' '.join(map(str, args.task_weights))}: at least one must be above 0")
+    if args.swa_start > args.epochs:
+        raise UserError(f"--swa_start {args.swa_start} is past --epochs {args.epochs}: start SWA at an epoch that is "
+                        f"trained, e.g. --swa_start {max(1, args.epochs * 3 // 4)}")  # fmt: skip
+    if args.swa_lr is not None and not args.swa_start:
+        raise UserError(f"--swa_lr {args.swa_lr:g} needs --swa_start EPOCH (SWA is off)")
     if args.warmup_epochs > args.epochs:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     if (args.mixup or args.cutmix) and not loss_module.accepts_soft_targets(args.criterion):

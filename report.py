@@ -30,10 +30,17 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (x.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
 
 
+AVERAGES = ("ema", "swa")  # the weight averages validated beside the model: their columns are {name}_val_*
+
+
 def log_line(row: dict[str, Any], epochs: int, eval_metric: str = "macro_f1") -> str:
     """The one line printed per epoch, with every metric of `row`, the score best.pth is chosen on (--eval_metric)
     and the elapsed time."""
-    ema = f" ema f1 {row['ema_val_f1']:.4f} loss {row['ema_val_loss']:.4f}" if "ema_val_f1" in row else ""
+    ema = "".join(
+        f" {name} f1 {row[f'{name}_val_f1']:.4f} loss {row[f'{name}_val_loss']:.4f}"
+        for name in AVERAGES
+        if f"{name}_val_f1" in row
+    )
     tasks = "".join(f" {t} {row[f'val_{t}_acc']:.1%}" for t in labels.TASKS if f"val_{t}_acc" in row)
     return (
         f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%} "
@@ -59,10 +66,12 @@ def task_metrics(data: Any, targets: np.ndarray, preds: np.ndarray, worst: int =
 
 
 def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rewrite log.csv atomically with every epoch so far."""
+    """Rewrite log.csv atomically with every epoch so far; a column that starts later (the SWA average's from
+    --swa_start) is empty before."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
 
     def write(f: io.TextIOBase) -> None:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -133,8 +142,9 @@ def log_epoch(
         if key.startswith(("train_", "val_")):
             split, _, name = key.partition("_")
             writer.add_scalar(f"{split.capitalize()}/{name}", value, epoch)
-        elif key.startswith("ema_val_"):
-            writer.add_scalar(f"Val/ema_{key[len('ema_val_') :]}", value, epoch)
+        elif key.split("_val_")[0] in AVERAGES:
+            name, _, metric = key.partition("_val_")
+            writer.add_scalar(f"Val/{name}_{metric}", value, epoch)
         else:
             writer.add_scalar(f"Train/{key}", value, epoch)
     # One tag per class (not add_scalars, which writes a run folder per class that TensorBoard lists as runs).

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
 import utils
 from utils import UserError
@@ -68,6 +68,8 @@ class Schedule:
         decay_epochs: int = 20,
         gamma: float = 0.5,
         patience: int = 2,
+        swa_start: int = 0,
+        swa_lr: float | None = None,
     ) -> None:
         if name not in SCHEDULERS:
             raise UserError(f"--scheduler {name} is unknown: choose one of {', '.join(SCHEDULERS)}")
@@ -78,6 +80,7 @@ class Schedule:
         self.decay_epochs, self.gamma = decay_epochs, gamma
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.step_count = 0
+        self.swa_start, self.swa_lr, self.swa = swa_start, swa_lr, None
         self.plateau = None
         if name == "plateau":
             self.plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=gamma, patience=patience)
@@ -123,12 +126,18 @@ class Schedule:
     def step_batch(self) -> None:
         """After each optimizer step."""
         self.step_count += 1
-        if self.inner is not None and self.step_count <= self.last_step:
+        if self.swa is None and self.inner is not None and self.step_count <= self.last_step:
             self.inner.step()
 
-    def step_epoch(self, score: float) -> None:
-        """After each validation, with its macro F1."""
-        if self.plateau is not None and self.step_count >= self.warmup:
+    def step_epoch(self, score: float, epoch: int = 0) -> None:
+        """After each validation, with its macro F1. From epoch --swa_start on, SWALR sets the lr: annealed in one
+        epoch (cosine) to --swa_lr (default: the lr reached) and held; the per-step schedule stops."""
+        if self.swa_start and epoch >= self.swa_start:
+            if self.swa is None:
+                self.swa = SWALR(self.optimizer, self.swa_lr or self.lr, anneal_epochs=1, anneal_strategy="cos")
+            else:
+                self.swa.step()
+        elif self.plateau is not None and self.step_count >= self.warmup:
             self.plateau.step(score)
 
     @property
@@ -137,7 +146,11 @@ class Schedule:
 
     def state_dict(self) -> dict[str, Any]:
         """The step reached and the plateau's state (what follows from the flags is rebuilt, not saved)."""
-        return {"step_count": self.step_count, "inner": self.plateau.state_dict() if self.plateau else None}
+        return {
+            "step_count": self.step_count,
+            "inner": self.plateau.state_dict() if self.plateau else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: the per-step scheduler is rebuilt and stepped to the saved step, which gives the
@@ -145,6 +158,13 @@ class Schedule:
         new flags at that step. After the plateau's warmup the lr is the loaded optimizer's, as ReduceLROnPlateau
         last set it."""
         self.step_count = state["step_count"]
+        if state.get("swa") is not None:  # in SWA: the lr is the loaded optimizer's, as SWALR last set it
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            self.swa = SWALR(self.optimizer, self.swa_lr or self.lr, anneal_epochs=1, anneal_strategy="cos")
+            self.swa.load_state_dict(state["swa"])
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            return
         if self.plateau is not None:
             self.plateau.load_state_dict(state["inner"])
             if self.step_count >= self.warmup:
@@ -160,3 +180,23 @@ class Schedule:
 def make_ema(model: nn.Module, decay: float) -> AveragedModel:
     """torch's AveragedModel as an exponential moving average of the weights (and BatchNorm buffers)."""
     return AveragedModel(utils.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def make_swa(model: nn.Module) -> AveragedModel:
+    """torch's AveragedModel as the equal-weight average of the weights it is given (`update_parameters`), for
+    --swa_start; its BatchNorm statistics are recomputed with `update_bn` before it is validated."""
+    return AveragedModel(utils.unwrap_model(model))
+
+
+def update_bn(swa: AveragedModel, loader: Any, device: torch.device, transform: Any = None) -> None:
+    """torch.optim.swa_utils.update_bn over the training loader's batches, as the device sees them (`transform`:
+    the normalization or batch augmentation the loader leaves to it)."""
+    from torch.optim.swa_utils import update_bn as torch_update_bn
+
+    def batches() -> Any:
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True)
+            yield transform(images) if transform is not None else images
+
+    with torch.no_grad():
+        torch_update_bn(batches(), swa.module)

@@ -258,6 +258,20 @@ def add_loss_flags(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument(
         "--ema", type=float, default=0.0, metavar="DECAY", help="validate and keep an EMA of the weights (0: off)"
     )
+    opt.add_argument(
+        "--swa_start",
+        type=int,
+        default=0,
+        metavar="EPOCH",
+        help="keep a stochastic weight average from this epoch on (torch.optim.swa_utils), validated each epoch; "
+        "best.pth holds it when it scores better (0: off)",
+    )
+    opt.add_argument(
+        "--swa_lr",
+        type=float,
+        default=None,
+        help="the learning rate SWA anneals to in one epoch and holds (default: the one reached at --swa_start)",
+    )
     opt.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     opt.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     opt.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (0: off)")
@@ -315,6 +329,13 @@ def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     run.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="mixed precision (fp16: CUDA only)")
     run.add_argument(
         "--channels_last", action=argparse.BooleanOptionalAction, default=False, help="NHWC memory layout (GPUs)"
+    )
+    run.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="deterministic cuDNN/cuBLAS kernels, so a resumed GPU run matches an uninterrupted one (slower; the "
+        "CPU is deterministic either way)",
     )
     run.add_argument(
         "--compile",
@@ -558,14 +579,17 @@ def train_folds(
         fold_dir = rundir.fold_dir(run_dir, fold) if kfold else run_dir
         fold_config = {**config, "fold_index": fold, "run_dir": str(fold_dir)}
         checkpoint = None
-        if checkpoints is not None:
+        if checkpoints is not None and devices.rank() == 0:
             path = checkpoints.get(fold, fold_dir / "last.pth")
             checkpoint = rundir.resume_checkpoint(path) if path.is_file() else None
+        # Only rank 0 reads and writes the run's files: other ranks (other machines, maybe without the shared file
+        # system) get the checkpoint from it, and create no folder.
+        checkpoint = devices.broadcast_object(checkpoint) if checkpoints is not None else None
         if checkpoint is not None and checkpoint.get("finished") and kfold:
             print(f"Fold {fold} of {config['n_splits']}: finished in {fold_dir}")
             results.append(engine.fold_result(checkpoint))
             continue
-        if kfold:
+        if kfold and devices.rank() == 0:
             fold_dir.mkdir(exist_ok=True)
             print(f"Fold {fold} of {config['n_splits']}: {fold_dir}")
         if checkpoint is not None:
