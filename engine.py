@@ -33,6 +33,7 @@ from tqdm import tqdm
 import augmentation
 import dataset as dataset_module
 import devices
+import distill
 import loss as loss_module
 import model as model_module
 import predict
@@ -125,6 +126,8 @@ class LoopSettings:
     cutmix: float = 0.0
     cutmix_mode: str = "box"
     mix_prob: float = 1.0  # share of batches mixed
+    kd_alpha: float = 0.7  # --teacher: the distillation term's share of the loss
+    kd_temperature: float = 2.0
     eval_metric: str = "macro_f1"  # what selects best.pth and drives early stopping and plateau
     patience: int = 0  # epochs without a better score before stopping (0: never)
     seed: int = 42
@@ -283,10 +286,11 @@ def train_one_epoch(
     num_classes: int,
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stop: utils.StopRequest | None = None,
+    teachers: distill.Teachers | None = None,
 ) -> bool:
     """Train `model` (the state's model, maybe wrapped) over `loader`, accumulating into `state.progress`
-    (step, steps, loss_sum, preds, targets: what a resumed epoch needs to continue its metrics). Returns False
-    when `stop` interrupted the epoch."""
+    (step, steps, loss_sum, preds, targets: what a resumed epoch needs to continue its metrics), learning from
+    `teachers` too when given. Returns False when `stop` interrupted the epoch."""
     model.train()
     progress, optimizer = state.progress, state.optimizer
     scaler = state.scaler or predict.make_scaler("off", device)
@@ -313,6 +317,12 @@ def train_one_epoch(
             with predict.autocast(settings.amp, device):
                 outputs = model(mixed)
                 loss = criterion(outputs.float(), soft if mixing else targets)
+                if teachers is not None:  # the same augmented, mixed batch
+                    temperature = settings.kd_temperature
+                    loss = distill.kd_loss(
+                        model_module.to_class_logits(outputs.float(), model), teachers(mixed, temperature), loss,
+                        settings.kd_alpha, temperature,
+                    )  # fmt: skip
             scaler.scale(loss / accum).backward()
         progress["step"] += 1
         if stepping:
@@ -506,6 +516,10 @@ class Trainer:
         self.num_classes = data.num_classes
         self.main_rank = devices.rank() == 0
         self.train_model = wrap_model(state.model, state.config, device, world)
+        self.teachers = None
+        if state.config.get("teacher"):
+            members = distill.resolve_teachers(state.config["teacher"], data.class_names)
+            self.teachers = distill.Teachers(members, state.config, device)
         self.writer = None
 
     def save(self, name: str, weights: nn.Module | None = None) -> None:
@@ -521,7 +535,7 @@ class Trainer:
         progress["steps"] = progress["step"] + len(self.split.train_loader)
         finished = train_one_epoch(
             self.train_model, self.split.train_loader, self.criterion, s, self.settings, self.device,
-            self.num_classes, self.split.batch_transform, stop,
+            self.num_classes, self.split.batch_transform, stop, self.teachers,
         )  # fmt: skip
         progress["time_s"] += time.time() - start
         if not finished:

@@ -50,6 +50,8 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric
     "ema": ("a decay in [0, 1), e.g. 0.999 (0: off)", lambda v: 0 <= v < 1),
     "swa_start": ("0 (off) or an epoch to start from", lambda v: v >= 0),
     "swa_lr": ("positive", lambda v: v > 0),
+    "kd_alpha": ("in [0, 1], the distillation term's share", lambda v: 0 <= v <= 1),
+    "kd_temperature": ("positive", lambda v: v > 0),
     "grad_accum": at_least(1),
     "clip_grad": ("0 (off) or more", lambda v: v >= 0),
     "mixup": ("0 (off) or more", lambda v: v >= 0),

@@ -17,7 +17,6 @@ import functools
 import tempfile
 from argparse import Namespace
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,49 +145,6 @@ def add_runtime_flags(g: argparse._ArgumentGroup) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Runs and ensembles.
-@dataclass
-class Member:
-    """One model of the ensemble: its checkpoint, its share of the probability average, its run's config."""
-
-    checkpoint: Path
-    weight: float
-    config: dict[str, Any]
-
-
-def resolve_members(model_dirs: Sequence[str], weights: Sequence[float] | None, which: str) -> list[Member]:
-    """Every checkpoint of the ensemble with its normalized weight; checks the weights and that they share classes.
-    An entry is a run directory, a k-fold run directory (its folds share the entry's weight) or a .pth file."""
-    if weights is not None and len(weights) != len(model_dirs):
-        raise UserError(
-            f"--weights has {len(weights)} value(s) for {len(model_dirs)} --model_dir entr(ies): give one per entry"
-        )
-    weights = list(weights) if weights is not None else [1.0] * len(model_dirs)
-    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"--weights {' '.join(f'{w:g}' for w in weights)}: need numbers >= 0 with a positive sum")
-    members = []
-    for entry, weight in zip(model_dirs, weights, strict=True):
-        paths = rundir.checkpoints(entry, which)
-        members += [Member(p, weight / len(paths) / sum(weights), member_config(p)) for p in paths]
-    first = members[0]
-    for other in members[1:]:
-        a, b = rundir.class_names_of(first.config), rundir.class_names_of(other.config)
-        if a != b:
-            diffs = [f"class {i} is '{x}' vs '{y}'" for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y]
-            why = diffs[0] if diffs else f"{len(a)} vs {len(b)} classes"
-            raise UserError(
-                f"{first.checkpoint.parent} and {other.checkpoint.parent} predict different classes ({why}): "
-                "ensemble only runs trained on the same class_names"
-            )
-    return members
-
-
-def member_config(checkpoint: Path) -> dict[str, Any]:
-    """The run's config.json beside the checkpoint, else the config the checkpoint carries."""
-    if (checkpoint.parent / rundir.CONFIG).is_file():
-        return rundir.read_config(checkpoint.parent)
-    return rundir.load_checkpoint(checkpoint)["config"]
-
-
 def build_augmentation(config: dict[str, Any]) -> Any:
     """The run's augmentation preset at its training size and normalization (its eval_transform and load_size)."""
     aug_cls = utils.find_class(augmentation_module, config["augmentation"], "the run's augmentation")
@@ -253,7 +209,7 @@ def write_probs(path: Path, image_ids: list[str], probs: np.ndarray, class_names
     utils.atomic_write(path, lambda f: table.to_csv(f, index=False))
 
 
-def check_members(args: Namespace) -> list[Member]:
+def check_members(args: Namespace) -> list[rundir.Member]:
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size} must be at least 1")
     # $SM_CHANNEL_MODEL gives one directory; the flag gives a list.
@@ -262,7 +218,7 @@ def check_members(args: Namespace) -> list[Member]:
         newest = rundir.newest_run(utils.env_value("SM_MODEL_DIR", "./model"))
         print(f"Using the newest run: {newest}")
         model_dirs = [str(newest)]
-    members = resolve_members(model_dirs, args.weights, args.checkpoint)
+    members = rundir.resolve_members(model_dirs, args.weights, args.checkpoint)
     for m in members:
         if args.resize and list(args.resize) != list(m.config["resize"]):
             raise UserError(

@@ -17,10 +17,12 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import labels
@@ -209,6 +211,61 @@ def load_model(path: Path, config: dict[str, Any] | None = None) -> tuple[torch.
 
 # ---------------------------------------------------------------------------------------------------
 # What `train.py --resume` and `--config` read.
+# ---------------------------------------------------------------------------------------------------
+# Ensembles: the checkpoints of several runs.
+@dataclass
+class Member:
+    """One model of the ensemble: its checkpoint, its share of the probability average, its run's config."""
+
+    checkpoint: Path
+    weight: float
+    config: dict[str, Any]
+
+
+def resolve_members(
+    model_dirs: Sequence[str], weights: Sequence[float] | None, which: str = "best", flag: str = "--model_dir"
+) -> list[Member]:
+    """Every checkpoint of an ensemble (inference's --model_dir, train.py's --teacher) with its normalized weight;
+    checks the weights and that they share classes. An entry is a run directory, a k-fold run directory (its folds
+    share the entry's weight) or a .pth file."""
+    if weights is not None and len(weights) != len(model_dirs):
+        raise UserError(
+            f"--weights has {len(weights)} value(s) for {len(model_dirs)} {flag} entr(ies): give one per entry"
+        )
+    weights = list(weights) if weights is not None else [1.0] * len(model_dirs)
+    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"--weights {' '.join(f'{w:g}' for w in weights)}: need numbers >= 0 with a positive sum")
+    members = []
+    for entry, weight in zip(model_dirs, weights, strict=True):
+        paths = checkpoints(entry, which)
+        members += [Member(p, weight / len(paths) / sum(weights), member_config(p)) for p in paths]
+    first = members[0]
+    for other in members[1:]:
+        why = class_difference(class_names_of(first.config), class_names_of(other.config))
+        if why:
+            raise UserError(
+                f"{first.checkpoint.parent} and {other.checkpoint.parent} predict different classes ({why}): "
+                "ensemble only runs trained on the same class_names"
+            )
+    return members
+
+
+def class_difference(a: Sequence[str], b: Sequence[str]) -> str | None:
+    """The first way two class lists differ ("class 3 is 'x' vs 'y'", "18 vs 3 classes"), None when equal."""
+    a, b = list(a), list(b)
+    if a == b:
+        return None
+    diffs = [f"class {i} is '{x}' vs '{y}'" for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y]
+    return diffs[0] if diffs else f"{len(a)} vs {len(b)} classes"
+
+
+def member_config(checkpoint: Path) -> dict[str, Any]:
+    """The run's config.json beside the checkpoint, else the config the checkpoint carries."""
+    if (checkpoint.parent / CONFIG).is_file():
+        return read_config(checkpoint.parent)
+    return load_checkpoint(checkpoint)["config"]
+
+
 def read_recipe(path: str) -> dict[str, Any]:
     """The flag: value pairs of a YAML or JSON recipe file."""
     file = Path(path)

@@ -25,6 +25,7 @@ import cache as cache_module
 import dataset as dataset_module
 import demo
 import devices
+import distill
 import engine
 import flagcheck
 import imaging
@@ -271,6 +272,20 @@ def add_loss_flags(opt: argparse._ArgumentGroup) -> None:
         type=float,
         default=None,
         help="the learning rate SWA anneals to in one epoch and holds (default: the one reached at --swa_start)",
+    )
+    opt.add_argument(
+        "--teacher",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="distil from these runs, k-fold runs or .pth files (an ensemble, weighted equally): they predict each "
+        "training batch and the student also learns their soft predictions",
+    )
+    opt.add_argument(
+        "--kd_alpha", type=float, default=0.7, help="--teacher: share of the distillation term in the loss"
+    )
+    opt.add_argument(
+        "--kd_temperature", type=float, default=2.0, help="--teacher: softmax temperature of teacher and student"
     )
     opt.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     opt.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
@@ -531,6 +546,8 @@ def train(
     data_cls = flagcheck.dataset_classes()[args.dataset]
     data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
     resolve_defaults(args, data)
+    if args.teacher:  # checked before any image is decoded; recorded by absolute path, for --resume from anywhere
+        args.teacher = [str(m.checkpoint.resolve()) for m in distill.resolve_teachers(args.teacher, data.class_names)]
     data.split_dataset() if args.fold is None else data.fold_ids(args.n_splits)  # checked before any decoding
     aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
     mean, std = normalization(args, data, aug_cls)

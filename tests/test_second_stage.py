@@ -125,3 +125,94 @@ def test_swa_flags_that_cannot_work_exit_2_with_one_line(demo_root, tmp_path, ex
     done = run_script("train.py", *flags(demo_root, tmp_path, *extra), cwd=tmp_path)
     assert message in one_error_line(done)
     assert not (tmp_path / "model").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distillation
+def test_the_distillation_loss_equals_the_hand_computed_value():
+    import math
+
+    import distill
+
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]])
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    alpha, t, base = 0.7, 2.0, torch.tensor(1.25)
+    kl = 0.0
+    for row_s, row_t in zip(student.tolist(), teacher.tolist(), strict=True):
+        z = [math.exp(v / t) for v in row_s]
+        q = [v / sum(z) for v in z]
+        kl += sum(p * math.log(p / qi) for p, qi in zip(row_t, q, strict=True))
+    expected = alpha * t**2 * kl / 2 + (1 - alpha) * 1.25
+    assert distill.kd_loss(student, teacher, base, alpha, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_teacher_gets_the_batch_in_its_own_normalization_and_size():
+    import distill
+
+    pixels = torch.rand(2, 3, 8, 6)
+    student = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "resize": [8, 6]}
+    teacher = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": [4, 3]}
+
+    def norm(x, c):
+        return (x - torch.tensor(c["mean"]).view(1, 3, 1, 1)) / torch.tensor(c["std"]).view(1, 3, 1, 1)
+
+    change = distill._input_change(student, teacher, torch.device("cpu"))
+    expected = torch.nn.functional.interpolate(norm(pixels, teacher), size=(4, 3), mode="bilinear")
+    torch.testing.assert_close(change(norm(pixels, student)), expected, rtol=1e-5, atol=1e-5)
+    same = distill._input_change(student, student, torch.device("cpu"))
+    x = norm(pixels, student)
+    assert same(x) is x
+
+
+def test_a_multi_head_teacher_teaches_a_single_head_student_and_stays_unchanged(demo_root, tmp_path, monkeypatch):
+    teacher_run = train_here(flags(demo_root, tmp_path, "--name", "teacher"))  # MultiHeadModel: the mask default
+    before = utils.load_checkpoint(teacher_run / "best.pth")["model"]
+    seen = []
+    original = engine.train_one_epoch
+
+    def record(model, loader, criterion, state, *rest, **kwargs):
+        teachers = rest[-1]
+        seen.append(teachers)
+        result = original(model, loader, criterion, state, *rest, **kwargs)
+        assert not teachers.training and not any(m.training for m in teachers.models.modules())
+        return result
+
+    monkeypatch.setattr(engine, "train_one_epoch", record)
+    student = train_here(flags(demo_root, tmp_path, "--model", "BaseModel", "--teacher", str(teacher_run),
+                               "--name", "student"))  # fmt: skip
+    teachers = seen[0]
+    assert type(teachers.models[0]).__name__ == "MultiHeadModel"
+    after = teachers.models[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no gradient, no optimizer, no BatchNorm update
+    assert not any(p.requires_grad for p in teachers.parameters())
+    config = pd.read_json(student / "config.json", typ="series")
+    assert config["teacher"] == [str((teacher_run / "best.pth").resolve())] and config["model"] == "BaseModel"
+
+
+def test_distillation_changes_what_the_student_learns(demo_root, tmp_path):
+    teacher_run = train_here(flags(demo_root, tmp_path, "--name", "teacher"))
+    plain = train_here(flags(demo_root, tmp_path, "--name", "plain"))
+    taught = train_here(flags(demo_root, tmp_path, "--name", "taught", "--teacher", str(teacher_run)))
+    a, b = (utils.load_checkpoint(r / "last.pth")["model"] for r in (plain, taught))
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    losses = [pd.read_csv(r / "log.csv")["train_loss"].iloc[0] for r in (plain, taught)]
+    assert losses[0] != pytest.approx(losses[1])
+
+
+def test_a_teacher_trained_on_other_classes_exits_2_with_one_line(demo_root, tmp_path):
+    from conftest import write_folder_dataset
+
+    folder = write_folder_dataset(tmp_path / "pets")
+    other = run_script("train.py", "--dataset", "ImageFolderDataset", "--data_dir", str(folder), "--epochs", "1",
+                       "--resize", "32", "32", "--group_pattern", r"^(.+?)_\d+",
+                       "--num_workers", "0", "--model_dir", str(tmp_path / "other"), cwd=tmp_path)  # fmt: skip
+    assert other.returncode == 0, other.stderr
+    done = run_script("train.py", *flags(demo_root, tmp_path, "--teacher", str(tmp_path / "other/exp")), cwd=tmp_path)
+    line = one_error_line(done)
+    assert "--teacher" in line and "was trained on other classes" in line and "class 0 is 'cat' vs 'wear/male/<30'" in line, line
+    assert not (tmp_path / "model").exists()
+    missing = run_script("train.py", *flags(demo_root, tmp_path, "--teacher", str(tmp_path / "nowhere")), cwd=tmp_path)
+    assert "nowhere" in one_error_line(missing)
+    for flag, value in (("--kd_alpha", "1.5"), ("--kd_temperature", "0")):
+        done = run_script("train.py", *flags(demo_root, tmp_path, flag, value), cwd=tmp_path)
+        assert one_error_line(done).startswith(f"error: {flag} {value} must be")
