@@ -551,6 +551,11 @@ def class_order(values: Sequence[str]) -> list[str]:
     return sorted(values)
 
 
+def is_mask_data(data: Any) -> bool:
+    """The mask competition's data (its three tasks), also under a wrapper that keeps it as `base` (pseudo.py)."""
+    return isinstance(getattr(data, "base", data), MaskBaseDataset)
+
+
 class ImageSubset(Dataset):
     """A view of some of a dataset's images with its own transform (train and validation never share one)."""
 
@@ -561,6 +566,7 @@ class ImageSubset(Dataset):
         transform: Callable,
         size: Sequence[int],
         cache: Any = None,
+        soft_targets: np.ndarray | None = None,
     ) -> None:
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -569,6 +575,8 @@ class ImageSubset(Dataset):
         self.cache = cache  # cache.RamCache / DiskCache over the dataset's images, or None
         assert cache is None or cache[0].shape[:2] == self.size, "the cache holds images of the size decoded here"
         self.targets = np.asarray(dataset.labels)[self.indices]
+        # Per image, the probabilities to learn (--pseudo_soft), handed over in place of the class index.
+        self.soft = None if soft_targets is None else torch.from_numpy(np.asarray(soft_targets)[self.indices])
         # When the transform would return the decoded pixels unchanged, batches skip it (see __getitems__).
         self.pixels_only = augmentation.passes_pixels_through(transform, self.size)
         self.gather = self.pixels_only and hasattr(cache, "images")  # and a batch is one copy out of memory
@@ -583,8 +591,11 @@ class ImageSubset(Dataset):
             return self.cache[j]
         return imaging.decode_fixed(self.dataset.image_paths[j], self.size)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.pixels(i))), int(self.targets[i])
+    def target(self, i: int) -> int | torch.Tensor:
+        return int(self.targets[i]) if self.soft is None else self.soft[i]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        return self.transform(Image.fromarray(self.pixels(i))), self.target(i)
 
     def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         """The samples of one batch, as a DataLoader fetches them: the same as `[self[i] for i in items]`, with
@@ -596,4 +607,5 @@ class ImageSubset(Dataset):
             pixels = self.cache.images[self.indices[rows]]
         else:
             pixels = np.stack([self.pixels(i) for i in rows])
-        return list(zip(torch.from_numpy(pixels).permute(0, 3, 1, 2), self.targets[rows].tolist(), strict=True))
+        targets = self.targets[rows].tolist() if self.soft is None else list(self.soft[rows])
+        return list(zip(torch.from_numpy(pixels).permute(0, 3, 1, 2), targets, strict=True))

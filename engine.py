@@ -12,13 +12,11 @@ The engine reads the run's config dict (resolved flags and data facts), never th
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import augmentation
 import dataset as dataset_module
@@ -41,49 +38,7 @@ import report
 import rundir
 import schedule as schedule_module
 import utils
-from utils import UserError
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sampling and stopping
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Training order for one epoch: a permutation (or inverse-frequency weighted draws, with replacement)
-    that depends only on (seed, epoch), partitioned between `world_size` processes; `start` skips the batches
-    already trained when a run resumes in the middle of an epoch."""
-
-    def __init__(
-        self,
-        n: int,
-        seed: int,
-        weights: np.ndarray | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        self.epoch, self.start = 0, 0
-        self.per_rank = math.ceil(n / world_size)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def order(self) -> list[int]:
-        """This rank's whole order for the epoch (before skipping)."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is None:
-            indices = torch.randperm(self.n, generator=g)
-        else:
-            indices = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
-        indices = indices.tolist()
-        indices += indices[: self.per_rank * self.world_size - self.n]  # pad so every rank gets as many
-        return indices[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start :])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
+from loop import EpochSampler, LoopSettings, make_loader, train_one_epoch
 
 # ---------------------------------------------------------------------------------------------------
 # Compile
@@ -109,36 +64,6 @@ def maybe_compile(model: nn.Module, enabled: bool, resize: Sequence[int], device
 # ---------------------------------------------------------------------------------------------------
 # What the loop reads from the run's config.
 EVAL_METRICS = {"macro_f1": "f1", "accuracy": "acc", "loss": "loss"}  # --eval_metric -> the row's val_* column
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """The settings of the epoch loop, read from the run's config (train.py's resolved flags)."""
-
-    epochs: int = 24
-    batch_size: int = 64
-    valid_batch_size: int = 256
-    grad_accum: int = 1
-    clip_grad: float = 0.0  # max gradient norm (0: off)
-    amp: str = "off"  # off, fp16, bf16
-    channels_last: bool = False
-    mixup: float = 0.0  # Beta alpha (0: off)
-    cutmix: float = 0.0
-    cutmix_mode: str = "box"
-    mix_prob: float = 1.0  # share of batches mixed
-    kd_alpha: float = 0.7  # --teacher: the distillation term's share of the loss
-    kd_temperature: float = 2.0
-    eval_metric: str = "macro_f1"  # what selects best.pth and drives early stopping and plateau
-    patience: int = 0  # epochs without a better score before stopping (0: never)
-    seed: int = 42
-    num_workers: int = 0
-    pin_memory: bool | None = None  # None: on with CUDA
-    persistent_workers: bool = True
-    prefetch_factor: int = 2
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LoopSettings:
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
 
 
 def score_of(metrics: dict[str, float], eval_metric: str) -> float:
@@ -241,144 +166,6 @@ def fold_result(state: dict[str, Any] | RunState) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------------
-# One epoch
-HOST_SYNC_STEPS = 20  # steps between reads of the loss on the host: each read waits for the GPU's queue to drain
-
-
-class Tally:
-    """The epoch's loss sum and predictions, kept on the device between host reads (each `.item()` or `.cpu()`
-    of a CUDA tensor waits for the GPU), and moved into the epoch's progress every `HOST_SYNC_STEPS` steps."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.loss_sum, self.preds, self.targets = device, torch.zeros((), device=device), [], []
-        self.last_loss = torch.zeros((), device=device)
-
-    def add(self, loss: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> None:
-        self.last_loss = loss.detach()
-        self.loss_sum += self.last_loss * len(targets)
-        self.preds.append(preds)
-        self.targets.append(targets)
-
-    def flush(self, progress: dict[str, Any], bar: Any) -> None:
-        """Into `progress`, after deciding across ranks whether any loss was not finite (a rank that raised alone
-        would leave the others waiting in their next collective)."""
-        loss_sum = float(self.loss_sum)
-        if devices.any_rank(not math.isfinite(loss_sum)):
-            where = f"became {loss_sum}" if not math.isfinite(loss_sum) else "became inf or nan on another rank"
-            raise UserError(f"the loss {where} at epoch {progress['epoch']}: lower --lr, or use --clip_grad 1")
-        if self.targets:
-            progress["loss_sum"] += loss_sum
-            progress["preds"].append(torch.cat(self.preds).cpu())
-            progress["targets"].append(torch.cat(self.targets))
-            bar.set_postfix(loss=f"{float(self.last_loss):.3f}")
-        self.loss_sum.zero_()
-        self.preds, self.targets = [], []
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: Any,
-    criterion: nn.Module,
-    state: RunState,
-    settings: LoopSettings,
-    device: torch.device,
-    num_classes: int,
-    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    stop: utils.StopRequest | None = None,
-    teachers: distill.Teachers | None = None,
-) -> bool:
-    """Train `model` (the state's model, maybe wrapped) over `loader`, accumulating into `state.progress`
-    (step, steps, loss_sum, preds, targets: what a resumed epoch needs to continue its metrics), learning from
-    `teachers` too when given. Returns False when `stop` interrupted the epoch."""
-    model.train()
-    progress, optimizer = state.progress, state.optimizer
-    scaler = state.scaler or predict.make_scaler("off", device)
-    accum, mixing = settings.grad_accum, settings.mixup > 0 or settings.cutmix > 0
-    # Host reads at optimizer steps only; one process checks for a stop every step (free), DDP ranks agree on it
-    # at the host reads (a collective).
-    interval, alone = accum * max(1, HOST_SYNC_STEPS // accum), not devices.is_distributed()
-    tally = Tally(device)
-    bar = tqdm(loader, desc=f"epoch {progress['epoch']}", leave=False, disable=not sys.stderr.isatty())
-    optimizer.zero_grad(set_to_none=True)
-    for images, labels in bar:
-        images, targets = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images = batch_transform(images)
-        if settings.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        mixed, soft = augmentation.mix_batch(
-            images, targets, num_classes, settings.mixup, settings.cutmix, settings.cutmix_mode, settings.mix_prob
-        )
-        # Step every `accum` micro-batches, and on the epoch's last batch so no gradient is carried over. Under
-        # DDP the micro-batches before a step skip the gradient all-reduce (no_sync): one per optimizer step.
-        stepping = (progress["step"] + 1) % accum == 0 or progress["step"] + 1 == progress["steps"]
-        with contextlib.nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
-            with predict.autocast(settings.amp, device):
-                outputs = model(mixed)
-                loss = criterion(outputs.float(), soft if mixing else targets)
-                if teachers is not None:  # the same augmented, mixed batch
-                    temperature = settings.kd_temperature
-                    loss = distill.kd_loss(
-                        model_module.to_class_logits(outputs.float(), model), teachers(mixed, temperature), loss,
-                        settings.kd_alpha, temperature,
-                    )  # fmt: skip
-            scaler.scale(loss / accum).backward()
-        progress["step"] += 1
-        if stepping:
-            if settings.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.schedule.step_batch()
-            if state.ema is not None:
-                state.ema.update_parameters(utils.unwrap_model(model))
-        tally.add(loss, model_module.to_class_logits(outputs.detach().float(), model).argmax(1), labels)
-        synced = progress["step"] % interval == 0 or progress["step"] == progress["steps"]
-        if synced:
-            tally.flush(progress, bar)
-        if progress["step"] % accum == 0 and (alone or synced) and devices.any_rank(bool(stop)):
-            tally.flush(progress, bar)  # all ranks stop at the same step
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loaders
-def loader_workers(subset: torch.utils.data.Dataset, num_workers: int) -> int:
-    """`num_workers`, or none when each batch is one copy out of the RAM cache (ImageSubset.gather): handing
-    batches over from worker processes costs more than making them (bench/bench_data.py)."""
-    base = subset.dataset if isinstance(subset, torch.utils.data.Subset) else subset
-    return 0 if getattr(base, "gather", False) else num_workers
-
-
-def make_loader(
-    subset: torch.utils.data.Dataset,
-    batch_size: int,
-    settings: LoopSettings,
-    device: torch.device,
-    sampler: EpochSampler | None = None,
-) -> DataLoader:
-    """A training loader (with `sampler`: the order is a function of seed and epoch, see EpochSampler) or a
-    validation loader (in order, every image once)."""
-    workers = loader_workers(subset, settings.num_workers)
-    return DataLoader(
-        subset,
-        batch_size=batch_size,
-        sampler=sampler,
-        # A last training batch of one image breaks BatchNorm; validation always sees every image.
-        drop_last=sampler is not None and len(sampler) % batch_size == 1,
-        num_workers=workers,
-        pin_memory=device.type == "cuda" if settings.pin_memory is None else settings.pin_memory,
-        persistent_workers=workers > 0 and settings.persistent_workers,
-        prefetch_factor=settings.prefetch_factor if workers > 0 else None,
-        worker_init_fn=devices.seed_worker,
-        generator=torch.Generator().manual_seed(settings.seed + devices.RANK_SEED_STRIDE * devices.rank()),  # workers
-    )
-
-
 @dataclass
 class Split:
     """The training and validation images of one split (the holdout or a fold) and their loaders."""
@@ -405,7 +192,8 @@ def build_split(
     if config.get("gpu_aug"):  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
         train_transform = augmentation.to_uint8_tensor
         batch_transform = augmentation.BatchAugment(config["resize"], config["mean"], config["std"], aug.crop_fraction)
-    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache)
+    soft = getattr(data, "soft_labels", None)  # --pseudo_soft: probabilities as targets (pseudo.WithPseudoLabels)
+    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache, soft)
     val_set = dataset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
     class_counts = np.bincount(train_set.targets, minlength=data.num_classes)
     # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
@@ -707,9 +495,10 @@ def fit(
     devices.set_deterministic(config.get("deterministic", False))
     devices.seed_everything(config["seed"])  # each split alone: --fold 2 trains as fold 2 of --fold all does
     split = build_split(config, data, aug, cache, fold, device, world)
+    kind = type(getattr(data, "base", data)).__name__  # pseudo-labels: the data's own class
     print(
         f"Data: {config['data_dir']} | {len(data)} images, {len(split.train_set)} train / {len(split.val_set)} val "
-        f"({type(data).__name__}) | device {device}{f' x {world} processes' if world > 1 else ''}"
+        f"({kind}) | device {device}{f' x {world} processes' if world > 1 else ''}"
     )
     state = build_state(config, split, data.num_classes, device, world)
     state.folds_left = [f for f in folds_left if f is not None]

@@ -32,6 +32,7 @@ import devices
 import evaldata
 import imaging
 import predict
+import pseudo
 import rundir
 import utils
 from utils import UserError
@@ -306,6 +307,9 @@ def main(args: Namespace) -> Path:
     print(f"Wrote {output} ({len(submission)} rows)")
     if args.save_probs:
         write_probs(output.with_name("probs.csv"), images.image_ids, probs, names)
+        pseudo.write_sidecar(
+            output.with_name("probs.csv"), images.source, args.image_column, [str(m.checkpoint) for m in used]
+        )
         print(f"Wrote {output.with_name('probs.csv')} ({len(names)} class probabilities per image)")
     truth_path = images.source / "truth.csv"  # present for the demo data and development sets, never in a competition
     if images.competition and truth_path.is_file():  # checked after writing: a bad truth.csv keeps the submission

@@ -56,7 +56,7 @@ def task_metrics(data: Any, targets: np.ndarray, preds: np.ndarray, worst: int =
     (among those in the truth): where to look before changing anything."""
     targets, preds = np.asarray(targets), np.asarray(preds)
     out: dict[str, Any] = {}
-    if isinstance(data, dataset.MaskBaseDataset):
+    if dataset.is_mask_data(data):
         for task, truth, pred in zip(labels.TASKS, labels.decode(targets), labels.decode(preds), strict=True):
             out[f"val_{task}_acc"] = float((truth == pred).mean())
     f1 = utils.f1_per_class(targets, preds, len(data.class_names))

@@ -47,6 +47,7 @@ DATA_FACTS = (
     "fold_index",
     "skipped_images",
     "label_fix_report",
+    "pseudo_label_counts",
     "versions",
     "git_commit",
     "command",

@@ -27,15 +27,13 @@ import demo
 import devices
 import distill
 import engine
-import flagcheck
 import imaging
-import loss as loss_module
 import model as model_module
+import options
 import predict
+import pseudo
 import report
 import rundir
-import schedule
-import splits
 import utils
 from utils import UserError
 
@@ -49,321 +47,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="a YAML or JSON file of flag: value pairs used as the defaults (flags given here still win); a run's "
         "config.json repeats that run",
     )
-    add_data_flags(p.add_argument_group("data"))
-    add_loader_flags(p.add_argument_group("data loading"))
-    add_model_flags(p.add_argument_group("model"))
-    add_optimization_flags(p.add_argument_group("optimization"))
-    add_runtime_flags(p.add_argument_group("runtime"))
+    options.add_data_flags(p.add_argument_group("data"))
+    options.add_loader_flags(p.add_argument_group("data loading"))
+    options.add_model_flags(p.add_argument_group("model"))
+    options.add_optimization_flags(p.add_argument_group("optimization"))
+    options.add_second_stage_flags(p.add_argument_group("second stage (SWA, distillation, pseudo-labels)"))
+    options.add_runtime_flags(p.add_argument_group("runtime"))
     return p
-
-
-def add_data_flags(data: argparse._ArgumentGroup) -> None:
-    data.add_argument(
-        "--data_dir",
-        default=utils.env_value("SM_CHANNEL_TRAIN"),
-        help=f"folder of person folders [$SM_CHANNEL_TRAIN; when unset: {demo.DEFAULT_TRAIN_DIR} if it "
-        f"exists, else the demo data in {demo.DEMO_DIR}, generated once]",
-    )
-    data.add_argument(
-        "--dataset",
-        default="MaskSplitByProfileDataset",
-        help=f"dataset class in dataset.py. {utils.describe(flagcheck.dataset_classes())}",
-    )
-    data.add_argument(
-        "--split",
-        choices=splits.SPLITS,
-        default="auto",
-        help="how validation images are chosen: by class share, by group (a person, a source photo), or both; auto: "
-        "both when the data has groups",
-    )
-    data.add_argument(
-        "--group_pattern",
-        default=None,
-        help="ImageFolderDataset: regex whose first group, found in a file name, is the image's group (e.g. '^(.+?)_')",
-    )
-    data.add_argument(
-        "--image_column", default=None, help="CSVDataset: column of image paths (default: path/image/file)"
-    )
-    data.add_argument("--label_column", default="label", help="CSVDataset: column of labels")
-    data.add_argument("--group_column", default=None, help="CSVDataset: column of group ids for grouped splits")
-    data.add_argument(
-        "--image_root", default=None, help="CSVDataset: folder the image paths are relative to (default: the CSV's)"
-    )
-    data.add_argument("--n_splits", type=int, default=5, help="folds of the k-fold split (with --fold)")
-    data.add_argument(
-        "--fold",
-        default=None,
-        help="train fold i (0..n_splits-1) of a grouped, stratified k-fold, or 'all' folds into fold0/, fold1/, ... "
-        "with out-of-fold predictions in oof.csv (default: one holdout split of --val_ratio)",
-    )
-    data.add_argument(
-        "--label_fixes",
-        default=None,
-        metavar="CSV",
-        help="corrected labels applied while indexing: rows id,field,value (id: a person id or an image path; "
-        "field: gender, age or mask; label for folder/CSV data), e.g. 000123,gender,female",
-    )
-    data.add_argument(
-        "--sampler",
-        choices=("shuffle", "weighted"),
-        default="shuffle",
-        help="training order: each image once per epoch, or drawn by inverse class frequency (with replacement)",
-    )
-    data.add_argument(
-        "--val_ratio", type=float, default=0.2, help="share of persons (or images) held out for validation"
-    )
-    data.add_argument(
-        "--age_bounds",
-        type=int,
-        nargs=2,
-        default=[30, 60],
-        metavar=("YOUNG", "OLD"),
-        help="age band edges in years: < YOUNG, YOUNG..OLD-1, >= OLD",
-    )
-
-
-def add_loader_flags(data: argparse._ArgumentGroup) -> None:
-    data.add_argument(
-        "--augmentation",
-        default=None,
-        help="augmentation preset in augmentation.py (default: FaceAugmentation for the mask datasets, else "
-        f"BaseAugmentation). {utils.describe(augmentation_module.augmentation_classes())}",
-    )
-    data.add_argument(
-        "--cache",
-        choices=("auto", "none", "ram", "disk"),
-        default="auto",
-        help="decoded images kept after the first pass: in memory (shared by all workers), as files reused by "
-        "later runs, or none; auto: ram when it fits in a quarter of the free memory, else disk",
-    )
-    data.add_argument(
-        "--cache_dir",
-        default=utils.env_value("CACHE_DIR", "./cache"),
-        help="folder of the disk cache [$CACHE_DIR]",
-    )
-    data.add_argument(
-        "--pin_memory",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="page-locked batches for faster copies to the GPU (default: on with CUDA)",
-    )
-    data.add_argument(
-        "--persistent_workers",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep loader workers alive between epochs",
-    )
-    data.add_argument(
-        "--prefetch_factor",
-        type=int,
-        default=int(utils.env_value("PREFETCH_FACTOR", 2)),
-        help="batches each worker prepares ahead [$PREFETCH_FACTOR]",
-    )
-    data.add_argument(
-        "--skip_bad_images",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="train without unreadable images (listed in the run's bad_images.tsv) instead of stopping",
-    )
-    data.add_argument(
-        "--resize",
-        type=int,
-        nargs=2,
-        default=[128, 96],
-        metavar=("H", "W"),
-        help="network input height and width in pixels",
-    )
-    data.add_argument(
-        "--mean_std",
-        choices=("seed", "imagenet", "compute"),
-        default="seed",
-        help="normalization: the competition's values, ImageNet's, or computed from a sample of images",
-    )
-    data.add_argument(
-        "--num_workers",
-        type=int,
-        default=int(utils.env_value("NUM_WORKERS", utils.default_num_workers())),
-        help="data loader processes [$NUM_WORKERS; default: CPU cores - 1, at most 8]",
-    )
-
-
-def add_model_flags(net: argparse._ArgumentGroup) -> None:
-    net.add_argument(
-        "--model",
-        default=None,
-        help="any timm architecture name, a class in model.py, or path/to/file.py:ClassName of your own (default: "
-        f"MultiHeadModel for the mask datasets, else BaseModel). {utils.describe(model_module.model_classes())}",
-    )
-    net.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="start from timm's published weights (downloads them; needs a network)",
-    )
-    net.add_argument("--pretrained_path", default=None, help="start from weights in this local file (head replaced)")
-    net.add_argument(
-        "--backbone",
-        default=None,
-        help="for --model MultiHeadModel: BaseModel, any timm architecture, or path/to/file.py:ClassName (built with "
-        "num_classes=0, returning num_features pooled features) under the mask/gender/age heads",
-    )
-
-
-def add_optimization_flags(opt: argparse._ArgumentGroup) -> None:
-    opt.add_argument("--epochs", type=int, default=24, help="passes over the training split")
-    opt.add_argument("--batch_size", type=int, default=64, help="training images per step (per process)")
-    opt.add_argument("--valid_batch_size", type=int, default=256, help="images per validation batch")
-    opt.add_argument("--optimizer", default="AdamW", help="class name in torch.optim")
-    opt.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    opt.add_argument("--weight_decay", type=float, default=1e-2, help="weight decay (L2 for SGD, decoupled for AdamW)")
-    opt.add_argument(
-        "--decay_norm_bias",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also decay biases and normalization weights (off: they get no weight decay)",
-    )
-    opt.add_argument("--momentum", type=float, default=0.9, help="momentum, for optimizers that take one")
-    opt.add_argument(
-        "--scheduler",
-        choices=schedule.SCHEDULERS,
-        default="cosine",
-        help="lr schedule, stepped per iteration: constant, x gamma every lr_decay_step epochs, cosine to 0, "
-        "cosine restarting every lr_decay_step epochs, one-cycle, or x gamma after 2 epochs without a better F1",
-    )
-    opt.add_argument("--warmup_epochs", type=float, default=0.0, help="linear lr warmup from 0, in epochs")
-    opt.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr drops (step) or restarts")
-    opt.add_argument("--gamma", type=float, default=0.5, help="lr factor at each drop (step, plateau)")
-    add_loss_flags(opt)
-
-
-def add_loss_flags(opt: argparse._ArgumentGroup) -> None:
-    opt.add_argument(
-        "--criterion",
-        default="cross_entropy",
-        help=f"loss: {', '.join(loss_module.criterion_names())} (per task for a multi-head model)",
-    )
-    opt.add_argument(
-        "--class_weights",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="weight the loss by inverse class frequency of the training split",
-    )
-    opt.add_argument(
-        "--task_weights",
-        type=float,
-        nargs=3,
-        default=None,
-        metavar=("MASK", "GENDER", "AGE"),
-        help="multi-head model: weights of the three task losses (default 1 1 1)",
-    )
-    opt.add_argument(
-        "--ema", type=float, default=0.0, metavar="DECAY", help="validate and keep an EMA of the weights (0: off)"
-    )
-    opt.add_argument(
-        "--swa_start",
-        type=int,
-        default=0,
-        metavar="EPOCH",
-        help="keep a stochastic weight average from this epoch on (torch.optim.swa_utils), validated each epoch; "
-        "best.pth holds it when it scores better (0: off)",
-    )
-    opt.add_argument(
-        "--swa_lr",
-        type=float,
-        default=None,
-        help="the learning rate SWA anneals to in one epoch and holds (default: the one reached at --swa_start)",
-    )
-    opt.add_argument(
-        "--teacher",
-        nargs="+",
-        default=None,
-        metavar="RUN",
-        help="distil from these runs, k-fold runs or .pth files (an ensemble, weighted equally): they predict each "
-        "training batch and the student also learns their soft predictions",
-    )
-    opt.add_argument(
-        "--kd_alpha", type=float, default=0.7, help="--teacher: share of the distillation term in the loss"
-    )
-    opt.add_argument(
-        "--kd_temperature", type=float, default=2.0, help="--teacher: softmax temperature of teacher and student"
-    )
-    opt.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    opt.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    opt.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (0: off)")
-    opt.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)")
-    opt.add_argument(
-        "--cutmix_mode",
-        choices=("box", "vertical"),
-        default="box",
-        help="cutmix patch: a random box, or everything right of a random column (suits portrait faces)",
-    )
-    opt.add_argument("--mix_prob", type=float, default=1.0, help="share of batches mixed when mixup/cutmix is on")
-    opt.add_argument(
-        "--eval_metric",
-        choices=tuple(engine.EVAL_METRICS),
-        default="macro_f1",
-        help="what selects best.pth and drives --patience and the plateau schedule: validation macro F1 (the "
-        "competition's metric), accuracy, or loss (lower is better)",
-    )
-    opt.add_argument(
-        "--patience",
-        type=int,
-        default=0,
-        help="stop after this many epochs without a better --eval_metric (0: never)",
-    )
-
-
-def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
-    run.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and augmentation")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument(
-        "--data_parallel",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="use every visible GPU through DataParallel",
-    )
-    run.add_argument(
-        "--model_dir",
-        default=utils.env_value("SM_MODEL_DIR", "./model"),
-        help="where run directories are created [$SM_MODEL_DIR]",
-    )
-    run.add_argument(
-        "--sync_bn", action=argparse.BooleanOptionalAction, default=False, help="torchrun: synchronized BatchNorm"
-    )
-    run.add_argument(
-        "--dist_timeout", type=float, default=30.0, help="torchrun: minutes a process waits for the others"
-    )
-    run.add_argument("--name", default="exp", help="run directory name; exp, exp2, ... never overwritten")
-    run.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR_OR_CHECKPOINT",
-        help="continue a run in its directory from last.pth (or the given checkpoint); flags given here override "
-        "its config",
-    )
-    run.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="mixed precision (fp16: CUDA only)")
-    run.add_argument(
-        "--channels_last", action=argparse.BooleanOptionalAction, default=False, help="NHWC memory layout (GPUs)"
-    )
-    run.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="deterministic cuDNN/cuBLAS kernels, so a resumed GPU run matches an uninterrupted one (slower; the "
-        "CPU is deterministic either way)",
-    )
-    run.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="torch.compile the model (falls back to eager with a warning where unsupported)",
-    )
-    run.add_argument(
-        "--gpu_aug",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="flip, scale/shift, color jitter and normalization on the device, batch-wise, after the cache",
-    )
 
 
 SCHEDULE_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "scheduler", "warmup_epochs")
@@ -473,7 +163,7 @@ def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
     resumed, checkpoints = None, {}
     if args.resume:
         args, resumed, checkpoints = resume_args(args, sys.argv[1:] if argv is None else argv)
-    flagcheck.check_args(args)
+    options.check_args(args)
     rank, world, device = devices.init_distributed(args.device, args.dist_timeout)
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
@@ -486,7 +176,7 @@ def resolve_defaults(args: Namespace, data: Any) -> None:
     """Defaults by data: the mask datasets get the face crop and the mask/gender/age heads (measured on real
     faces, README's Results), any other data a plain resize and a single head. A model file is recorded by its
     absolute path, so a run is rebuilt from any working directory."""
-    mask_data = isinstance(data, dataset_module.MaskBaseDataset)
+    mask_data = dataset_module.is_mask_data(data)
     args.model = args.model or ("MultiHeadModel" if mask_data else "BaseModel")
     args.augmentation = args.augmentation or ("FaceAugmentation" if mask_data else "BaseAugmentation")
     for flag in ("model", "backbone"):
@@ -526,6 +216,7 @@ def run_config(
         "run_dir": str(run_dir),
         "skipped_images": sorted(bad),
         "label_fix_report": data.label_fix_report,
+        "pseudo_label_counts": data.report() if isinstance(data, pseudo.WithPseudoLabels) else None,
         "versions": utils.library_versions(),
         "git_commit": utils.git_commit(),
         "command": args.command if args.resume else " ".join(sys.argv),
@@ -543,9 +234,12 @@ def train(
     predict.check_amp(args.amp, device)
     data_dir = demo.resolve_train_dir(args.data_dir, files_ok=args.dataset == "CSVDataset")
     devices.seed_everything(args.seed)
-    data_cls = flagcheck.dataset_classes()[args.dataset]
+    data_cls = options.dataset_classes()[args.dataset]
     data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
     resolve_defaults(args, data)
+    if args.pseudo_labels:
+        args.pseudo_labels = str(Path(args.pseudo_labels).resolve())
+        data = pseudo.add_pseudo_labels(data, args)
     if args.teacher:  # checked before any image is decoded; recorded by absolute path, for --resume from anywhere
         args.teacher = [str(m.checkpoint.resolve()) for m in distill.resolve_teachers(args.teacher, data.class_names)]
     data.split_dataset() if args.fold is None else data.fold_ids(args.n_splits)  # checked before any decoding

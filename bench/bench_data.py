@@ -44,8 +44,8 @@ import augmentation
 import cache as cache_module
 import dataset as dataset_module
 import demo
-import engine
 import imaging
+import loop
 import utils
 
 RESIZE = (128, 96)  # (H, W) network input, train.py's default --resize
@@ -80,7 +80,7 @@ class ReadyTensors(Dataset):
 
 def make_loader(data: Dataset, args: argparse.Namespace) -> DataLoader:
     """--workers processes, except where engine.make_loader uses none (batches copied out of the RAM cache)."""
-    workers = engine.loader_workers(data, args.workers)
+    workers = loop.loader_workers(data, args.workers)
     return DataLoader(
         data,
         batch_size=args.batch_size,

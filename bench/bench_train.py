@@ -6,7 +6,7 @@
 The loader is engine.make_loader with train.py's flag defaults (persistent workers, prefetch, EpochSampler order)
 over an ImageSubset of the --augmentation preset's train_transform reading a RamCache, as engine.fit builds it:
 the loader hands over uint8 batches and the training process normalizes them (augmentation.split_for_device);
-for BaseAugmentation a batch is one copy out of the cache, made in the training process (engine.loader_workers).
+for BaseAugmentation a batch is one copy out of the cache, made in the training process (loop.loader_workers).
 The in-memory feed cycles through one epoch of batches taken from that loader and normalized beforehand. Both
 feeds run the same step (forward, cross-entropy, zero_grad, backward, AdamW) on a freshly initialised model,
 --warmup untimed steps first. A ratio near 1 means the data path costs the training loop nothing; below 1, the

@@ -280,14 +280,14 @@ def numeric_flags() -> dict[str, object]:
 
 
 def test_every_numeric_flag_of_train_py_has_a_range():
-    import flagcheck
+    import options
 
-    assert set(numeric_flags()) == set(flagcheck.FLAG_RANGES)
+    assert set(numeric_flags()) == set(options.FLAG_RANGES)
 
 
 @pytest.mark.parametrize("flag", sorted(numeric_flags()))
 def test_a_numeric_flag_out_of_range_or_not_finite_is_refused_in_one_line(flag, tmp_path):
-    import flagcheck
+    import options
     import train
 
     action = numeric_flags()[flag]
@@ -299,7 +299,7 @@ def test_a_numeric_flag_out_of_range_or_not_finite_is_refused_in_one_line(flag, 
         line = one_error_line(done)
         assert line.startswith(f"error: --{flag} ") and "must be" in line, line
         with pytest.raises(utils.UserError):
-            flagcheck.check_args(train.parse_args(words))
+            options.check_args(train.parse_args(words))
     assert not (tmp_path / "model").exists()
 
 

@@ -8,6 +8,7 @@ import torch
 
 import devices
 import engine
+import loop
 import predict
 import utils
 
@@ -304,10 +305,10 @@ def test_the_loss_is_read_on_the_host_once_per_interval_with_the_same_metrics(mo
     import schedule
 
     def run(interval: int) -> tuple[dict, int]:
-        monkeypatch.setattr(engine, "HOST_SYNC_STEPS", interval)
+        monkeypatch.setattr(loop, "HOST_SYNC_STEPS", interval)
         flushes = []
-        flush = engine.Tally.flush
-        monkeypatch.setattr(engine.Tally, "flush", lambda self, *a: flushes.append(1) or flush(self, *a))
+        flush = loop.Tally.flush
+        monkeypatch.setattr(loop.Tally, "flush", lambda self, *a: flushes.append(1) or flush(self, *a))
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

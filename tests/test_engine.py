@@ -12,7 +12,7 @@ import torch
 
 import augmentation
 import engine
-import flagcheck
+import options
 import schedule
 import train
 import utils
@@ -237,7 +237,7 @@ def test_mixup_with_a_criterion_that_takes_no_soft_targets_is_refused(monkeypatc
     monkeypatch.setattr(loss, "accepts_soft_targets", lambda name: name != "cross_entropy")
     args = train.get_parser().parse_args(["--mixup", "0.2", "--criterion", "cross_entropy"])
     with pytest.raises(utils.UserError, match="--criterion cross_entropy cannot learn from the soft targets"):
-        flagcheck.check_args(args)
+        options.check_args(args)
 
 
 def test_batch_augment_without_randomness_is_resize_and_normalize():

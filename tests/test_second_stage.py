@@ -209,10 +209,141 @@ def test_a_teacher_trained_on_other_classes_exits_2_with_one_line(demo_root, tmp
     assert other.returncode == 0, other.stderr
     done = run_script("train.py", *flags(demo_root, tmp_path, "--teacher", str(tmp_path / "other/exp")), cwd=tmp_path)
     line = one_error_line(done)
-    assert "--teacher" in line and "was trained on other classes" in line and "class 0 is 'cat' vs 'wear/male/<30'" in line, line
+    assert (
+        "--teacher" in line and "was trained on other classes" in line and "class 0 is 'cat' vs 'wear/male/<30'" in line
+    ), line
     assert not (tmp_path / "model").exists()
     missing = run_script("train.py", *flags(demo_root, tmp_path, "--teacher", str(tmp_path / "nowhere")), cwd=tmp_path)
     assert "nowhere" in one_error_line(missing)
     for flag, value in (("--kd_alpha", "1.5"), ("--kd_temperature", "0")):
         done = run_script("train.py", *flags(demo_root, tmp_path, flag, value), cwd=tmp_path)
         assert one_error_line(done).startswith(f"error: {flag} {value} must be")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pseudo-labels
+def write_probs(demo_root, path, confidences, class_names, top_classes=None):
+    """A probs.csv over the demo eval images: image k's top class `top_classes[k]` with `confidences[k]`, the
+    rest spread evenly; and the probs.json inference.py writes beside it."""
+    import numpy as np
+
+    import pseudo
+
+    ids = pd.read_csv(demo_root / "eval/info.csv", dtype={"ImageID": str})["ImageID"].tolist()[: len(confidences)]
+    n = len(class_names)
+    probs = np.full((len(ids), n), 0.0)
+    for k, c in enumerate(confidences):
+        top = top_classes[k] if top_classes is not None else k % n
+        probs[k] = (1 - c) / (n - 1)
+        probs[k, top] = c
+    table = pd.DataFrame(probs, columns=class_names)
+    table.insert(0, "ImageID", ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    pseudo.write_sidecar(path, demo_root / "eval", None, [])
+    return ids, probs
+
+
+def mask_data(demo_root):
+    import dataset
+
+    return dataset.MaskSplitByProfileDataset(demo_root / "train/images", val_ratio=0.25, seed=42)
+
+
+def pseudo_args(path, **kw):
+    base = {"pseudo_labels": str(path), "pseudo_threshold": 0.9, "pseudo_max_share": 0.5, "pseudo_soft": False,
+            "pseudo_dir": None, "fold": None, "n_splits": 3}  # fmt: skip
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_pseudo_labels_join_only_the_training_side_within_threshold_and_cap_with_soft_targets(demo_root, tmp_path):
+    import numpy as np
+
+    import dataset
+    import pseudo
+
+    data = mask_data(demo_root)
+    confidences = [0.95, 0.5, 0.92, 0.99, 0.89999, 0.9, 0.97, 0.3]
+    ids, probs = write_probs(demo_root, tmp_path / "out/probs.csv", confidences, data.class_names)
+    n_train = len(data.split_dataset()[0])
+    wrapped = pseudo.add_pseudo_labels(data, pseudo_args(tmp_path / "out/probs.csv", pseudo_soft=True))
+    chosen = [k for k, c in enumerate(confidences) if c >= 0.9]  # 0.9 itself reaches it; 0.89999 does not
+    assert len(wrapped) == len(data) + len(chosen) and int(0.5 * n_train) >= len(chosen)
+    assert [p.name for p in wrapped.pseudo_paths] == [f"{ids[k]}" for k in chosen]
+    train_idx, val_idx = wrapped.split_dataset()
+    pseudo_idx = set(wrapped.pseudo_indices())
+    assert pseudo_idx <= set(train_idx) and not pseudo_idx & set(val_idx)
+    own_train, own_val = data.split_dataset()
+    assert np.array_equal(val_idx, own_val) and set(train_idx) - pseudo_idx == set(own_train)
+    for fold in range(3):  # every fold: in training, never validated
+        tr, va = wrapped.split_dataset(fold, 3)
+        assert pseudo_idx <= set(tr) and not pseudo_idx & set(va)
+    subset = dataset.ImageSubset(wrapped, train_idx, lambda image: 0, (16, 12), None, wrapped.soft_labels)
+    for row, k in enumerate(chosen):
+        position = list(train_idx).index(len(data) + row)
+        torch.testing.assert_close(subset[position][1], torch.tensor(probs[k], dtype=torch.float32))
+    own = list(train_idx).index(own_train[0])
+    assert subset[own][1].argmax().item() == data.labels[own_train[0]] and subset[own][1].max().item() == 1.0
+    # The cap: at most pseudo_max_share x the training split, the most confident first.
+    share = 2.5 / n_train
+    capped = pseudo.add_pseudo_labels(data, pseudo_args(tmp_path / "out/probs.csv", pseudo_max_share=share))
+    assert [p.name for p in capped.pseudo_paths] == [ids[3], ids[6]]  # 0.99 and 0.97, in file order
+    assert capped.soft_labels is None and list(capped.labels[len(data) :]) == [3, 6]
+
+
+def test_a_run_with_pseudo_labels_from_inference_counts_them_and_never_validates_them(demo_root, tmp_path):
+    teacher = train_here(flags(demo_root, tmp_path, "--name", "teacher"))
+    out = tmp_path / "out"
+    done = run_script("inference.py", "--model_dir", str(teacher), "--data_dir", str(demo_root / "eval"),
+                      "--output_dir", str(out), "--save_probs", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    probs = pd.read_csv(out / "probs.csv")
+    threshold = float(probs.iloc[:, 1:].max(axis=1).median())  # about half of them
+    reaching = int((probs.iloc[:, 1:].max(axis=1) >= threshold).sum())
+    done = run_script("train.py", *flags(demo_root, tmp_path, "--pseudo_labels", str(out / "probs.csv"),
+                      "--pseudo_threshold", f"{threshold!r}", "--name", "student"), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"Pseudo-labels: {reaching} of {len(probs)} images" in done.stdout
+    run_dir = tmp_path / "model/student"
+    config = pd.read_json(run_dir / "config.json", typ="series")
+    assert sum(config["pseudo_label_counts"].values()) == reaching
+    assert config["train_images"] + config["val_images"] == len(mask_data(demo_root)) + reaching
+    validated = pd.read_csv(run_dir / "val_predictions.csv")["path"]
+    assert not validated.str.contains(str(demo_root / "eval")).any()
+
+
+@pytest.mark.parametrize("case", ["other classes", "missing image", "threshold 0", "threshold 1.5", "no sidecar",
+                                  "soft with mixup", "not probabilities"])  # fmt: skip
+def test_pseudo_labels_that_cannot_work_exit_2_with_one_line_and_write_nothing(demo_root, tmp_path, case):
+    data = mask_data(demo_root)
+    path = tmp_path / "out/probs.csv"
+    write_probs(demo_root, path, [0.95, 0.95], data.class_names)
+    extra, expected = ["--pseudo_labels", str(path)], ""
+    if case == "other classes":
+        table = pd.read_csv(path).rename(columns={data.class_names[0]: "cat"})
+        table.to_csv(path, index=False)
+        expected = "does not hold this data's 18 classes (no column wear/male/<30)"
+    elif case == "missing image":
+        table = pd.read_csv(path)
+        table.loc[0, "ImageID"] = "nobody.jpg"
+        table.to_csv(path, index=False)
+        expected = "1 image(s) are not in"
+    elif case.startswith("threshold"):
+        value = case.split()[1]
+        extra += ["--pseudo_threshold", value]
+        expected = f"--pseudo_threshold {value} must be a probability in (0, 1]"
+    elif case == "no sidecar":
+        (tmp_path / "out/probs.json").unlink()
+        expected = "pass --pseudo_dir"
+    elif case == "soft with mixup":
+        extra += ["--pseudo_soft", "--mixup", "0.2"]
+        expected = "--pseudo_soft cannot be mixed by --mixup/--cutmix"
+    else:
+        table = pd.read_csv(path)
+        table.iloc[1, 1] = 3.0
+        table.to_csv(path, index=False)
+        expected = "1 row(s) are not probabilities summing to 1"
+    before = path.read_bytes()
+    done = run_script("train.py", *flags(demo_root, tmp_path, *extra), cwd=tmp_path)
+    assert expected in one_error_line(done)
+    assert not (tmp_path / "model").exists() and path.read_bytes() == before

@@ -1,0 +1,481 @@
+"""train.py's flags: every flag with its default and help, by group (the add_*_flags), and what each must be,
+checked before any data is read: every numeric flag within its range (FLAG_RANGES), names that exist (dataset,
+augmentation, model, optimizer, criterion), and combinations that work.
+
+    python train.py --patience -1        # error: --patience -1 must be 0 (off) or more
+    python train.py --model resnet99     # error: the closest name and the valid ones
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
+
+import augmentation as augmentation_module
+import dataset as dataset_module
+import demo
+import engine
+import loss as loss_module
+import model as model_module
+import schedule
+import splits
+import utils
+from utils import UserError
+
+
+def dataset_classes() -> dict[str, type]:
+    return utils.module_classes(dataset_module, lambda c: hasattr(c, "split_dataset"))
+
+
+def at_least(low: float) -> tuple[str, Callable[[float], bool]]:
+    return f"at least {low:g}", lambda v: v >= low
+
+
+# ---------------------------------------------------------------------------------------------------
+# The flags, by --help group.
+def add_data_flags(data: argparse._ArgumentGroup) -> None:
+    data.add_argument(
+        "--data_dir",
+        default=utils.env_value("SM_CHANNEL_TRAIN"),
+        help=f"folder of person folders [$SM_CHANNEL_TRAIN; when unset: {demo.DEFAULT_TRAIN_DIR} if it "
+        f"exists, else the demo data in {demo.DEMO_DIR}, generated once]",
+    )
+    data.add_argument(
+        "--dataset",
+        default="MaskSplitByProfileDataset",
+        help=f"dataset class in dataset.py. {utils.describe(dataset_classes())}",
+    )
+    data.add_argument(
+        "--split",
+        choices=splits.SPLITS,
+        default="auto",
+        help="how validation images are chosen: by class share, by group (a person, a source photo), or both; auto: "
+        "both when the data has groups",
+    )
+    data.add_argument(
+        "--group_pattern",
+        default=None,
+        help="ImageFolderDataset: regex whose first group, found in a file name, is the image's group (e.g. '^(.+?)_')",
+    )
+    data.add_argument(
+        "--image_column", default=None, help="CSVDataset: column of image paths (default: path/image/file)"
+    )
+    data.add_argument("--label_column", default="label", help="CSVDataset: column of labels")
+    data.add_argument("--group_column", default=None, help="CSVDataset: column of group ids for grouped splits")
+    data.add_argument(
+        "--image_root", default=None, help="CSVDataset: folder the image paths are relative to (default: the CSV's)"
+    )
+    data.add_argument("--n_splits", type=int, default=5, help="folds of the k-fold split (with --fold)")
+    data.add_argument(
+        "--fold",
+        default=None,
+        help="train fold i (0..n_splits-1) of a grouped, stratified k-fold, or 'all' folds into fold0/, fold1/, ... "
+        "with out-of-fold predictions in oof.csv (default: one holdout split of --val_ratio)",
+    )
+    data.add_argument(
+        "--label_fixes",
+        default=None,
+        metavar="CSV",
+        help="corrected labels applied while indexing: rows id,field,value (id: a person id or an image path; "
+        "field: gender, age or mask; label for folder/CSV data), e.g. 000123,gender,female",
+    )
+    data.add_argument(
+        "--sampler",
+        choices=("shuffle", "weighted"),
+        default="shuffle",
+        help="training order: each image once per epoch, or drawn by inverse class frequency (with replacement)",
+    )
+    data.add_argument(
+        "--val_ratio", type=float, default=0.2, help="share of persons (or images) held out for validation"
+    )
+    data.add_argument(
+        "--age_bounds",
+        type=int,
+        nargs=2,
+        default=[30, 60],
+        metavar=("YOUNG", "OLD"),
+        help="age band edges in years: < YOUNG, YOUNG..OLD-1, >= OLD",
+    )
+
+
+def add_loader_flags(data: argparse._ArgumentGroup) -> None:
+    data.add_argument(
+        "--augmentation",
+        default=None,
+        help="augmentation preset in augmentation.py (default: FaceAugmentation for the mask datasets, else "
+        f"BaseAugmentation). {utils.describe(augmentation_module.augmentation_classes())}",
+    )
+    data.add_argument(
+        "--cache",
+        choices=("auto", "none", "ram", "disk"),
+        default="auto",
+        help="decoded images kept after the first pass: in memory (shared by all workers), as files reused by "
+        "later runs, or none; auto: ram when it fits in a quarter of the free memory, else disk",
+    )
+    data.add_argument(
+        "--cache_dir",
+        default=utils.env_value("CACHE_DIR", "./cache"),
+        help="folder of the disk cache [$CACHE_DIR]",
+    )
+    data.add_argument(
+        "--pin_memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="page-locked batches for faster copies to the GPU (default: on with CUDA)",
+    )
+    data.add_argument(
+        "--persistent_workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep loader workers alive between epochs",
+    )
+    data.add_argument(
+        "--prefetch_factor",
+        type=int,
+        default=int(utils.env_value("PREFETCH_FACTOR", 2)),
+        help="batches each worker prepares ahead [$PREFETCH_FACTOR]",
+    )
+    data.add_argument(
+        "--skip_bad_images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train without unreadable images (listed in the run's bad_images.tsv) instead of stopping",
+    )
+    data.add_argument(
+        "--resize",
+        type=int,
+        nargs=2,
+        default=[128, 96],
+        metavar=("H", "W"),
+        help="network input height and width in pixels",
+    )
+    data.add_argument(
+        "--mean_std",
+        choices=("seed", "imagenet", "compute"),
+        default="seed",
+        help="normalization: the competition's values, ImageNet's, or computed from a sample of images",
+    )
+    data.add_argument(
+        "--num_workers",
+        type=int,
+        default=int(utils.env_value("NUM_WORKERS", utils.default_num_workers())),
+        help="data loader processes [$NUM_WORKERS; default: CPU cores - 1, at most 8]",
+    )
+
+
+def add_model_flags(net: argparse._ArgumentGroup) -> None:
+    net.add_argument(
+        "--model",
+        default=None,
+        help="any timm architecture name, a class in model.py, or path/to/file.py:ClassName of your own (default: "
+        f"MultiHeadModel for the mask datasets, else BaseModel). {utils.describe(model_module.model_classes())}",
+    )
+    net.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="start from timm's published weights (downloads them; needs a network)",
+    )
+    net.add_argument("--pretrained_path", default=None, help="start from weights in this local file (head replaced)")
+    net.add_argument(
+        "--backbone",
+        default=None,
+        help="for --model MultiHeadModel: BaseModel, any timm architecture, or path/to/file.py:ClassName (built with "
+        "num_classes=0, returning num_features pooled features) under the mask/gender/age heads",
+    )
+
+
+def add_optimization_flags(opt: argparse._ArgumentGroup) -> None:
+    opt.add_argument("--epochs", type=int, default=24, help="passes over the training split")
+    opt.add_argument("--batch_size", type=int, default=64, help="training images per step (per process)")
+    opt.add_argument("--valid_batch_size", type=int, default=256, help="images per validation batch")
+    opt.add_argument("--optimizer", default="AdamW", help="class name in torch.optim")
+    opt.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    opt.add_argument("--weight_decay", type=float, default=1e-2, help="weight decay (L2 for SGD, decoupled for AdamW)")
+    opt.add_argument(
+        "--decay_norm_bias",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also decay biases and normalization weights (off: they get no weight decay)",
+    )
+    opt.add_argument("--momentum", type=float, default=0.9, help="momentum, for optimizers that take one")
+    opt.add_argument(
+        "--scheduler",
+        choices=schedule.SCHEDULERS,
+        default="cosine",
+        help="lr schedule, stepped per iteration: constant, x gamma every lr_decay_step epochs, cosine to 0, "
+        "cosine restarting every lr_decay_step epochs, one-cycle, or x gamma after 2 epochs without a better F1",
+    )
+    opt.add_argument("--warmup_epochs", type=float, default=0.0, help="linear lr warmup from 0, in epochs")
+    opt.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr drops (step) or restarts")
+    opt.add_argument("--gamma", type=float, default=0.5, help="lr factor at each drop (step, plateau)")
+    add_loss_flags(opt)
+
+
+def add_loss_flags(opt: argparse._ArgumentGroup) -> None:
+    opt.add_argument(
+        "--criterion",
+        default="cross_entropy",
+        help=f"loss: {', '.join(loss_module.criterion_names())} (per task for a multi-head model)",
+    )
+    opt.add_argument(
+        "--class_weights",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="weight the loss by inverse class frequency of the training split",
+    )
+    opt.add_argument(
+        "--task_weights",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("MASK", "GENDER", "AGE"),
+        help="multi-head model: weights of the three task losses (default 1 1 1)",
+    )
+    opt.add_argument(
+        "--ema", type=float, default=0.0, metavar="DECAY", help="validate and keep an EMA of the weights (0: off)"
+    )
+    opt.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    opt.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (0: off)")
+    opt.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)")
+    opt.add_argument(
+        "--cutmix_mode",
+        choices=("box", "vertical"),
+        default="box",
+        help="cutmix patch: a random box, or everything right of a random column (suits portrait faces)",
+    )
+    opt.add_argument("--mix_prob", type=float, default=1.0, help="share of batches mixed when mixup/cutmix is on")
+    opt.add_argument(
+        "--eval_metric",
+        choices=tuple(engine.EVAL_METRICS),
+        default="macro_f1",
+        help="what selects best.pth and drives --patience and the plateau schedule: validation macro F1 (the "
+        "competition's metric), accuracy, or loss (lower is better)",
+    )
+    opt.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="stop after this many epochs without a better --eval_metric (0: never)",
+    )
+
+
+def add_second_stage_flags(opt: argparse._ArgumentGroup) -> None:
+    """After the first models: weight averaging, distillation from them, pseudo-labels from their predictions."""
+    opt.add_argument(
+        "--swa_start",
+        type=int,
+        default=0,
+        metavar="EPOCH",
+        help="keep a stochastic weight average from this epoch on (torch.optim.swa_utils), validated each epoch; "
+        "best.pth holds it when it scores better (0: off)",
+    )
+    opt.add_argument(
+        "--swa_lr",
+        type=float,
+        default=None,
+        help="the learning rate SWA anneals to in one epoch and holds (default: the one reached at --swa_start)",
+    )
+    opt.add_argument(
+        "--teacher",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="distil from these runs, k-fold runs or .pth files (an ensemble, weighted equally): they predict each "
+        "training batch and the student also learns their soft predictions",
+    )
+    opt.add_argument(
+        "--kd_alpha", type=float, default=0.7, help="--teacher: share of the distillation term in the loss"
+    )
+    opt.add_argument(
+        "--kd_temperature", type=float, default=2.0, help="--teacher: softmax temperature of teacher and student"
+    )
+    opt.add_argument(
+        "--pseudo_labels",
+        default=None,
+        metavar="PROBS_CSV",
+        help="add the eval images this probs.csv (inference.py --save_probs) predicts confidently to the training "
+        "split, never to validation",
+    )
+    opt.add_argument(
+        "--pseudo_threshold", type=float, default=0.9, help="--pseudo_labels: the top probability an image needs"
+    )
+    opt.add_argument(
+        "--pseudo_max_share",
+        type=float,
+        default=0.5,
+        help="--pseudo_labels: at most this share of the training split's size, the most confident first",
+    )
+    opt.add_argument(
+        "--pseudo_soft",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--pseudo_labels: train on the probabilities as soft targets, not the top class",
+    )
+    opt.add_argument(
+        "--pseudo_dir",
+        default=None,
+        help="--pseudo_labels: the folder its images are in (default: the one probs.json beside it records)",
+    )
+
+
+def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
+    run.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and augmentation")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument(
+        "--data_parallel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use every visible GPU through DataParallel",
+    )
+    run.add_argument(
+        "--model_dir",
+        default=utils.env_value("SM_MODEL_DIR", "./model"),
+        help="where run directories are created [$SM_MODEL_DIR]",
+    )
+    run.add_argument(
+        "--sync_bn", action=argparse.BooleanOptionalAction, default=False, help="torchrun: synchronized BatchNorm"
+    )
+    run.add_argument(
+        "--dist_timeout", type=float, default=30.0, help="torchrun: minutes a process waits for the others"
+    )
+    run.add_argument("--name", default="exp", help="run directory name; exp, exp2, ... never overwritten")
+    run.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="continue a run in its directory from last.pth (or the given checkpoint); flags given here override "
+        "its config",
+    )
+    run.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="mixed precision (fp16: CUDA only)")
+    run.add_argument(
+        "--channels_last", action=argparse.BooleanOptionalAction, default=False, help="NHWC memory layout (GPUs)"
+    )
+    run.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="deterministic cuDNN/cuBLAS kernels, so a resumed GPU run matches an uninterrupted one (slower; the "
+        "CPU is deterministic either way)",
+    )
+    run.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model (falls back to eager with a warning where unsupported)",
+    )
+    run.add_argument(
+        "--gpu_aug",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="flip, scale/shift, color jitter and normalization on the device, batch-wise, after the cache",
+    )
+
+
+FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric flag: what it must be
+    "n_splits": at_least(2),
+    "val_ratio": ("between 0 and 1 (e.g. 0.2)", lambda v: 0 < v < 1),
+    "age_bounds": at_least(1),
+    "prefetch_factor": at_least(1),
+    "resize": ("at least 8 pixels", lambda v: v >= 8),
+    "num_workers": ("0 or more", lambda v: v >= 0),
+    "epochs": at_least(1),
+    "batch_size": at_least(1),
+    "valid_batch_size": at_least(1),
+    "lr": ("positive", lambda v: v > 0),
+    "weight_decay": ("0 or more", lambda v: v >= 0),
+    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "warmup_epochs": ("0 (off) or more", lambda v: v >= 0),
+    "lr_decay_step": at_least(1),
+    "gamma": ("in (0, 1], the factor the rate is multiplied by", lambda v: 0 < v <= 1),
+    "task_weights": ("0 or more", lambda v: v >= 0),
+    "ema": ("a decay in [0, 1), e.g. 0.999 (0: off)", lambda v: 0 <= v < 1),
+    "swa_start": ("0 (off) or an epoch to start from", lambda v: v >= 0),
+    "swa_lr": ("positive", lambda v: v > 0),
+    "kd_alpha": ("in [0, 1], the distillation term's share", lambda v: 0 <= v <= 1),
+    "kd_temperature": ("positive", lambda v: v > 0),
+    "pseudo_threshold": ("a probability in (0, 1]", lambda v: 0 < v <= 1),
+    "pseudo_max_share": ("positive (a share of the training split's size)", lambda v: v > 0),
+    "grad_accum": at_least(1),
+    "clip_grad": ("0 (off) or more", lambda v: v >= 0),
+    "mixup": ("0 (off) or more", lambda v: v >= 0),
+    "cutmix": ("0 (off) or more", lambda v: v >= 0),
+    "mix_prob": ("a probability in (0, 1]", lambda v: 0 < v <= 1),
+    "patience": ("0 (off) or more", lambda v: v >= 0),
+    "seed": ("0 or more (numpy takes no negative seed)", lambda v: 0 <= v < 2**32),
+    "dist_timeout": ("positive (minutes)", lambda v: v > 0),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# What each flag must be.
+def check_ranges(args: Namespace) -> None:
+    """Every numeric flag within its range (FLAG_RANGES), finite: nan and inf pass no comparison here."""
+    for flag, (rule, ok) in FLAG_RANGES.items():
+        value = getattr(args, flag, None)
+        values = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if not all(math.isfinite(v) and ok(v) for v in values):
+            shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+            raise UserError(f"--{flag} {shown} must be {rule}" + (" (each)" if len(values) > 1 else ""))
+
+
+def check_args(args: Namespace) -> None:
+    """Reject impossible flags and unknown names before any data is read."""
+    check_ranges(args)
+    if args.task_weights is not None and not sum(args.task_weights) > 0:
+        raise UserError(f"--task_weights {' '.join(map(str, args.task_weights))}: at least one must be above 0")
+    if args.swa_start > args.epochs:
+        raise UserError(f"--swa_start {args.swa_start} is past --epochs {args.epochs}: start SWA at an epoch that is "
+                        f"trained, e.g. --swa_start {max(1, args.epochs * 3 // 4)}")  # fmt: skip
+    if args.swa_lr is not None and not args.swa_start:
+        raise UserError(f"--swa_lr {args.swa_lr:g} needs --swa_start EPOCH (SWA is off)")
+    if args.warmup_epochs > args.epochs:
+        raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
+    for wanted, flags in ((args.mixup or args.cutmix, "--mixup/--cutmix"), (args.pseudo_soft, "--pseudo_soft")):
+        if wanted and not loss_module.accepts_soft_targets(args.criterion):
+            raise UserError(
+                f"--criterion {args.criterion} cannot learn from the soft targets of {flags}: use "
+                f"{', '.join(n for n in loss_module.criterion_names() if loss_module.accepts_soft_targets(n))}"
+            )
+    if args.pseudo_soft and not args.pseudo_labels:
+        raise UserError("--pseudo_soft needs --pseudo_labels PROBS_CSV")
+    if args.pseudo_soft and (args.mixup or args.cutmix):
+        raise UserError("--pseudo_soft cannot be mixed by --mixup/--cutmix (they mix class labels): use hard "
+                        "pseudo-labels (no --pseudo_soft) with them")  # fmt: skip
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
+    if args.fold is not None and args.fold != "all":
+        if not args.fold.isdigit():
+            raise UserError(f"--fold {args.fold} must be a fold number (0..{args.n_splits - 1}) or all")
+    fold = None if args.fold in (None, "all") else int(args.fold)
+    splits.check_split_args(args.split, fold, args.n_splits)
+    if not args.age_bounds[0] < args.age_bounds[1]:
+        raise UserError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: the first must be below the second")
+    for flag, classes in (
+        ("--dataset", dataset_classes()),
+        ("--augmentation", augmentation_module.augmentation_classes()),
+    ):
+        value = getattr(args, flag[2:])
+        if value is not None and value not in classes:
+            raise UserError(utils.unknown_name_message(flag, value, classes))
+    if args.optimizer not in schedule.optimizer_names():
+        raise UserError(utils.unknown_name_message("--optimizer", args.optimizer, schedule.optimizer_names()))
+    if args.model is not None:
+        model_module.check_model_name(args.model)
+    if args.backbone:
+        model_module.check_backbone_name(args.backbone)
+    loss_module.check_criterion_name(args.criterion)
+    if args.class_weights and not loss_module.accepts_class_weights(args.criterion):
+        valid = [n for n in loss_module.criterion_names() if loss_module.accepts_class_weights(n)]
+        raise UserError(f"--class_weights: --criterion {args.criterion} takes no class weights; use {', '.join(valid)}")
+    if args.label_fixes and not Path(args.label_fixes).is_file():
+        problem = "is a folder" if Path(args.label_fixes).is_dir() else "does not exist"
+        raise UserError(f"--label_fixes {args.label_fixes} {problem}: give a CSV file of id,field,value rows")
+    if args.pretrained_path and not Path(args.pretrained_path).is_file():
+        raise UserError(
+            f"--pretrained_path {args.pretrained_path} does not exist: give the path of a local weights file"
+        )
