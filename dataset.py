@@ -567,6 +567,7 @@ class ImageSubset(Dataset):
         size: Sequence[int],
         cache: Any = None,
         soft_targets: np.ndarray | None = None,
+        extras: torch.Tensor | None = None,
     ) -> None:
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -577,6 +578,7 @@ class ImageSubset(Dataset):
         self.targets = np.asarray(dataset.labels)[self.indices]
         # Per image, the probabilities to learn (--pseudo_soft), handed over in place of the class index.
         self.soft = None if soft_targets is None else torch.from_numpy(np.asarray(soft_targets)[self.indices])
+        self.extras = extras  # per image of the subset, handed over third (--kd_cache: the teachers' logits)
         # When the transform would return the decoded pixels unchanged, batches skip it (see __getitems__).
         self.pixels_only = augmentation.passes_pixels_through(transform, self.size)
         self.gather = self.pixels_only and hasattr(cache, "images")  # and a batch is one copy out of memory
@@ -594,10 +596,11 @@ class ImageSubset(Dataset):
     def target(self, i: int) -> int | torch.Tensor:
         return int(self.targets[i]) if self.soft is None else self.soft[i]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
-        return self.transform(Image.fromarray(self.pixels(i))), self.target(i)
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        item = self.transform(Image.fromarray(self.pixels(i))), self.target(i)
+        return item if self.extras is None else (*item, self.extras[i])
 
-    def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[Any, ...]]:
         """The samples of one batch, as a DataLoader fetches them: the same as `[self[i] for i in items]`, with
         the pixels of a pixels-only transform stacked directly (from a RAM cache: one copy)."""
         if not self.pixels_only:
@@ -608,4 +611,5 @@ class ImageSubset(Dataset):
         else:
             pixels = np.stack([self.pixels(i) for i in rows])
         targets = self.targets[rows].tolist() if self.soft is None else list(self.soft[rows])
-        return list(zip(torch.from_numpy(pixels).permute(0, 3, 1, 2), targets, strict=True))
+        columns = [torch.from_numpy(pixels).permute(0, 3, 1, 2), targets]
+        return list(zip(*columns, *([self.extras[rows]] if self.extras is not None else []), strict=True))

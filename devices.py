@@ -91,6 +91,11 @@ def rank() -> int:
     return torch.distributed.get_rank() if is_distributed() else 0
 
 
+def world_size() -> int:
+    """The number of processes under torchrun (1 in one process)."""
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's `value` on every rank (a no-op in one process)."""
     if not is_distributed():

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import devices
 import model as model_module
 import rundir
 from utils import UserError
@@ -63,6 +64,27 @@ class Teachers(nn.Module):
             logits = model_module.to_class_logits(net(change(images)).float(), net)
             probs = probs + weight * F.softmax(logits / temperature, dim=1)
         return probs
+
+    def from_logits(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The ensemble's tempered probabilities from the members' cached class logits (N, members, classes)."""
+        weights = torch.tensor(self.weights, dtype=logits.dtype, device=logits.device).view(1, -1, 1)
+        return (weights * F.softmax(logits / temperature, dim=2)).sum(1)
+
+    def cache_logits(self, subset: Any, loader_of: Any, device: torch.device, batch_transform: Any) -> torch.Tensor:
+        """--kd_cache: every member's class logits of every image of `subset` (un-augmented: the eval
+        transform), (N, members, classes) on the CPU, predicted once by predict.evaluate (under torchrun split
+        between the ranks and gathered). `loader_of(subset)` is its prediction loader."""
+        import predict
+
+        loader, parts = loader_of(predict.rank_share(subset, devices.rank(), devices.world_size())), []
+        for net, change in zip(self.models, self.inputs, strict=True):
+
+            def view(x: torch.Tensor, change: Any = change) -> torch.Tensor:
+                return change(batch_transform(x) if batch_transform is not None else x)
+
+            result = predict.evaluate(net, loader, device, batch_transform=view, progress="teacher logits")
+            parts.append(model_module.to_class_logits(result.outputs, net))
+        return torch.stack(parts, dim=1)
 
 
 def _input_change(student: dict[str, Any], teacher: dict[str, Any], device: torch.device) -> Any:

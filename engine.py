@@ -12,6 +12,7 @@ The engine reads the run's config dict (resolved flags and data facts), never th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 import sys
@@ -308,7 +309,27 @@ class Trainer:
         if state.config.get("teacher"):
             members = distill.resolve_teachers(state.config["teacher"], data.class_names)
             self.teachers = distill.Teachers(members, state.config, device)
+            if state.config.get("kd_cache"):
+                self.split = self.cache_teacher_logits()
         self.writer = None
+
+    def cache_teacher_logits(self) -> Split:
+        """--kd_cache: the teachers predict every training image once, un-augmented, and the training loader hands
+        their logits over beside each image (no teacher forward pass per step)."""
+        start, train, val = time.time(), self.split.train_set, self.split.val_set
+        plain = dataset_module.ImageSubset(train.dataset, train.indices, val.transform, train.size, train.cache)
+        settings = self.settings
+
+        def loader_of(subset: Any) -> DataLoader:
+            return make_loader(subset, settings.valid_batch_size, settings, self.device)
+
+        logits = self.teachers.cache_logits(plain, loader_of, self.device, self.split.eval_batch_transform)
+        cached = dataset_module.ImageSubset(
+            train.dataset, train.indices, train.transform, train.size, train.cache, train.soft, logits
+        )
+        print(f"Teachers' logits of {len(cached)} training images cached in {time.time() - start:.1f}s (--kd_cache)")
+        loader = make_loader(cached, settings.batch_size, settings, self.device, self.split.sampler)
+        return dataclasses.replace(self.split, train_set=cached, train_loader=loader)
 
     def save(self, name: str, weights: nn.Module | None = None) -> None:
         if self.main_rank:

@@ -163,7 +163,7 @@ def train_one_epoch(
     tally = Tally(device)
     bar = tqdm(loader, desc=f"epoch {progress['epoch']}", leave=False, disable=not sys.stderr.isatty())
     optimizer.zero_grad(set_to_none=True)
-    for images, labels in bar:
+    for images, labels, *cached in bar:  # cached: the teachers' logits of the batch's images (--kd_cache)
         images, targets = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
@@ -182,11 +182,13 @@ def train_one_epoch(
             with predict.autocast(settings.amp, device):
                 outputs = model(mixed)
                 loss = criterion(outputs.float(), soft if mixing or targets.is_floating_point() else targets)
-                if teachers is not None:  # the same augmented, mixed batch
+                if teachers is not None:  # the same augmented, mixed batch; or the cached un-augmented images
                     temperature = settings.kd_temperature
+                    taught = teachers.from_logits(cached[0].to(device), temperature) if cached else None
                     loss = distill.kd_loss(
-                        model_module.to_class_logits(outputs.float(), model), teachers(mixed, temperature), loss,
-                        settings.kd_alpha, temperature,
+                        model_module.to_class_logits(outputs.float(), model),
+                        taught if taught is not None else teachers(mixed, temperature), loss, settings.kd_alpha,
+                        temperature,
                     )  # fmt: skip
             scaler.scale(loss / accum).backward()
         progress["step"] += 1

@@ -295,6 +295,13 @@ def add_second_stage_flags(opt: argparse._ArgumentGroup) -> None:
         "--kd_temperature", type=float, default=2.0, help="--teacher: softmax temperature of teacher and student"
     )
     opt.add_argument(
+        "--kd_cache",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--teacher: the teachers predict each training image once, un-augmented, instead of every batch "
+        "(cheaper on a slow device; the student then learns their view of the plain image)",
+    )
+    opt.add_argument(
         "--pseudo_labels",
         default=None,
         metavar="PROBS_CSV",
@@ -441,6 +448,11 @@ def check_args(args: Namespace) -> None:
                 f"--criterion {args.criterion} cannot learn from the soft targets of {flags}: use "
                 f"{', '.join(n for n in loss_module.criterion_names() if loss_module.accepts_soft_targets(n))}"
             )
+    if args.kd_cache and not args.teacher:
+        raise UserError("--kd_cache needs --teacher RUN [RUN ...]")
+    if args.kd_cache and (args.mixup or args.cutmix):
+        raise UserError("--kd_cache holds the teachers' view of each plain image, which --mixup/--cutmix would not "
+                        "match: drop --kd_cache (the teachers then see each mixed batch)")  # fmt: skip
     if args.pseudo_soft and not args.pseudo_labels:
         raise UserError("--pseudo_soft needs --pseudo_labels PROBS_CSV")
     if args.pseudo_soft and (args.mixup or args.cutmix):

@@ -10,8 +10,10 @@ import types
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import engine
+import model as model_module
 import schedule
 import train
 import utils
@@ -347,3 +349,40 @@ def test_pseudo_labels_that_cannot_work_exit_2_with_one_line_and_write_nothing(d
     done = run_script("train.py", *flags(demo_root, tmp_path, *extra), cwd=tmp_path)
     assert expected in one_error_line(done)
     assert not (tmp_path / "model").exists() and path.read_bytes() == before
+
+
+def test_kd_cache_predicts_each_training_image_once_unaugmented_and_no_teacher_runs_per_step(
+    demo_root, tmp_path, monkeypatch
+):
+    import distill
+
+    teacher_run = train_here(flags(demo_root, tmp_path, "--name", "teacher"))
+    forwards, trainers = [], []
+    forward = distill.Teachers.forward
+    monkeypatch.setattr(distill.Teachers, "forward", lambda self, *a: forwards.append(1) or forward(self, *a))
+    cache = engine.Trainer.cache_teacher_logits
+    monkeypatch.setattr(engine.Trainer, "cache_teacher_logits", lambda self: trainers.append(self) or cache(self))
+    train_here(flags(demo_root, tmp_path, "--teacher", str(teacher_run), "--kd_cache", "--name", "cached"))
+    trainer = trainers[0]
+    assert not forwards  # the loop read the cached logits: no teacher forward pass per step
+    train_set, val_set = trainer.split.train_set, trainer.split.val_set
+    assert trainer.split.train_loader.dataset is train_set and train_set.extras.shape == (len(train_set), 1, 18)
+    # The cache holds the teacher's class logits of each training image under the eval transform.
+    net = trainer.teachers.models[0]
+    plain = torch.stack([val_set.transform(Image.fromarray(train_set.pixels(i))) for i in range(4)])
+    if trainer.split.eval_batch_transform is not None:
+        plain = trainer.split.eval_batch_transform(plain)
+    with torch.no_grad():
+        expected = model_module.to_class_logits(net(plain).float(), net)
+    torch.testing.assert_close(train_set.extras[:4, 0], expected, rtol=1e-4, atol=1e-4)
+    # From the cache, the ensemble's tempered probabilities are those it gives on the plain images.
+    forward_probs = forward(trainer.teachers, plain, 2.0)
+    torch.testing.assert_close(trainer.teachers.from_logits(train_set.extras[:4], 2.0), forward_probs, rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    refused = [
+        (["--kd_cache"], "--kd_cache needs --teacher"),
+        (["--kd_cache", "--teacher", str(teacher_run), "--mixup", "0.2"], "--mixup/--cutmix"),
+    ]
+    for extra, message in refused:
+        done = run_script("train.py", *flags(demo_root, tmp_path, *extra, "--name", "refused"), cwd=tmp_path)
+        assert message in one_error_line(done)
