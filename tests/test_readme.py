@@ -92,6 +92,20 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
         copy_run(tiny_runs("plain"), tmp_path, Path(args[args.index("--config") + 1]).parent.name)  # its recipe
     elif args[0] == "train.py":
         args += ["--epochs", "1", "--resize", "64", "48"]
+        if "--swa_start" in args:  # from the one epoch there is
+            args[args.index("--swa_start") + 1] = "1"
+        if "--teacher" in args:  # the teachers: one-epoch runs under the names they have
+            start = args.index("--teacher") + 1
+            for name in itertools.takewhile(lambda a: not a.startswith("--"), args[start:]):
+                copy_run(tiny_runs("plain"), tmp_path, Path(name).name)
+        if "--pseudo_labels" in args:  # the probs.csv of an ensemble: inference.py --save_probs of a tiny run
+            probs = Path(args[args.index("--pseudo_labels") + 1])
+            copy_run(tiny_runs("plain"), tmp_path, "pseudo_teacher")
+            eval_dir, out = str(demo_root / "eval"), str(probs.parent)
+            done = run_script("inference.py", "--model_dir", "model/pseudo_teacher", "--data_dir", eval_dir,
+                              "--output_dir", out, "--save_probs", cwd=tmp_path)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            args[args.index("--pseudo_threshold") + 1] = "0.01"  # a tiny run is confident about nothing
     elif args[0] == "runs.py":  # runs to list, or a k-fold run to read suspects from
         name = Path(args[args.index("--suspects") + 1]).name if "--suspects" in args else "exp"
         copy_run(tiny_runs("kfold" if "--suspects" in args else "plain"), tmp_path, name)
