@@ -42,3 +42,16 @@ def test_bench_memory_prints_a_row_per_worker_count():
                 "--seconds", "1")  # fmt: skip
     rows = re.findall(r"(?m)^ +([01]) +([\d.]+) +[+-][\d.]+ ", out)
     assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows), out
+
+
+def test_bench_distill_prints_the_three_ways(demo_root, tmp_path):
+    from conftest import run_script, tiny_run_args
+
+    done = run_script("train.py", *tiny_run_args(demo_root, "--num_workers", "0", "--name", "teacher"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data, teacher = str(demo_root / "train/images"), str(tmp_path / "model/teacher")
+    out = bench("bench_distill.py", "--data_dir", data, "--teacher", teacher, "--epochs", "1", "--",
+                "--resize", "64", "48", "--num_workers", "0")  # fmt: skip
+    assert re.search(r"(?m)^plain +[\d.]+ +1\.00 *$", out), out
+    assert re.search(r"(?m)^--teacher +[\d.]+ +[\d.]+ *$", out), out
+    assert re.search(r"(?m)^--teacher --kd_cache +[\d.]+ +[\d.]+  [\d.]+ s \(teachers' logits\)$", out), out
