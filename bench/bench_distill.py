@@ -51,7 +51,8 @@ def main(args: argparse.Namespace) -> None:
     teachers = ["--teacher", *[str(Path(t).resolve()) for t in args.teacher]]
     ways = {"plain": [], "--teacher": teachers, "--teacher --kd_cache": [*teachers, "--kd_cache"]}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {w: epoch_time(args.data_dir, Path(tmp), f"w{k}", [*f, *extra], args.epochs)
+        data_dir = str(Path(args.data_dir).resolve())  # train.py runs in a temporary folder
+        rows = {w: epoch_time(data_dir, Path(tmp), f"w{k}", [*f, *extra], args.epochs)
                 for k, (w, f) in enumerate(ways.items())}  # fmt: skip
     base = rows["plain"][0]
     print(f"{len(args.teacher)} teacher(s) | {args.epochs} epochs | {args.data_dir}")
