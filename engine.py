@@ -29,7 +29,6 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 import augmentation
-import dataset as dataset_module
 import devices
 import distill
 import loss as loss_module
@@ -38,6 +37,7 @@ import predict
 import report
 import rundir
 import schedule as schedule_module
+import subset as subset_module
 import utils
 from loop import EpochSampler, LoopSettings, make_loader, train_one_epoch
 
@@ -171,8 +171,8 @@ def fold_result(state: dict[str, Any] | RunState) -> dict[str, Any]:
 class Split:
     """The training and validation images of one split (the holdout or a fold) and their loaders."""
 
-    train_set: dataset_module.ImageSubset
-    val_set: dataset_module.ImageSubset
+    train_set: subset_module.ImageSubset
+    val_set: subset_module.ImageSubset
     val_idx: np.ndarray
     sampler: EpochSampler
     train_loader: DataLoader
@@ -194,8 +194,8 @@ def build_split(
         train_transform = augmentation.to_uint8_tensor
         batch_transform = augmentation.BatchAugment(config["resize"], config["mean"], config["std"], aug.crop_fraction)
     soft = getattr(data, "soft_labels", None)  # --pseudo_soft: probabilities as targets (pseudo.WithPseudoLabels)
-    train_set = dataset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache, soft)
-    val_set = dataset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
+    train_set = subset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache, soft)
+    val_set = subset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
     class_counts = np.bincount(train_set.targets, minlength=data.num_classes)
     # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
     weights = 1.0 / class_counts[train_set.targets] if config.get("sampler") == "weighted" else None
@@ -317,14 +317,14 @@ class Trainer:
         """--kd_cache: the teachers predict every training image once, un-augmented, and the training loader hands
         their logits over beside each image (no teacher forward pass per step)."""
         start, train, val = time.time(), self.split.train_set, self.split.val_set
-        plain = dataset_module.ImageSubset(train.dataset, train.indices, val.transform, train.size, train.cache)
+        plain = subset_module.ImageSubset(train.dataset, train.indices, val.transform, train.size, train.cache)
         settings = self.settings
 
         def loader_of(subset: Any) -> DataLoader:
             return make_loader(subset, settings.valid_batch_size, settings, self.device)
 
         logits = self.teachers.cache_logits(plain, loader_of, self.device, self.split.eval_batch_transform)
-        cached = dataset_module.ImageSubset(
+        cached = subset_module.ImageSubset(
             train.dataset, train.indices, train.transform, train.size, train.cache, train.soft, logits
         )
         print(f"Teachers' logits of {len(cached)} training images cached in {time.time() - start:.1f}s (--kd_cache)")

@@ -184,12 +184,10 @@ def train_one_epoch(
                 loss = criterion(outputs.float(), soft if mixing or targets.is_floating_point() else targets)
                 if teachers is not None:  # the same augmented, mixed batch; or the cached un-augmented images
                     temperature = settings.kd_temperature
-                    taught = teachers.from_logits(cached[0].to(device), temperature) if cached else None
-                    loss = distill.kd_loss(
-                        model_module.to_class_logits(outputs.float(), model),
-                        taught if taught is not None else teachers(mixed, temperature), loss, settings.kd_alpha,
-                        temperature,
-                    )  # fmt: skip
+                    taught = (teachers.from_logits(cached[0].to(device), temperature) if cached
+                              else teachers(mixed, temperature))  # fmt: skip
+                    loss = distill.kd_loss(model_module.to_class_logits(outputs.float(), model), taught, loss,
+                                           settings.kd_alpha, temperature)  # fmt: skip
             scaler.scale(loss / accum).backward()
         progress["step"] += 1
         if stepping:

@@ -46,6 +46,7 @@ import dataset as dataset_module
 import demo
 import imaging
 import loop
+import subset as subset_module
 import utils
 
 RESIZE = (128, 96)  # (H, W) network input, train.py's default --resize
@@ -123,7 +124,7 @@ def ms_per_call(fn: Callable[[int], object], n: int, repeat: int = 3) -> float:
 
 
 def breakdown(
-    cached: dataset_module.ImageSubset,
+    cached: subset_module.ImageSubset,
     paths: Sequence[Path],
     load_size: tuple[int, int],
     seed_transform: transforms.Compose,
@@ -258,7 +259,7 @@ def main(args: argparse.Namespace) -> None:
         seed_set = SeedBaselineDataset(image_paths, labels, seed_transform)
         results["a"] = images_per_second(make_loader(seed_set, args), args.repeat)
         loader_part, device_part = augmentation.split_for_device(aug.eval_transform)
-        uncached = dataset_module.ImageSubset(data, everything, loader_part, aug.load_size, cache=None)
+        uncached = subset_module.ImageSubset(data, everything, loader_part, aug.load_size, cache=None)
         results["b'"] = images_per_second(make_loader(uncached, args), args.repeat, device_part)
 
         decode = functools.partial(imaging.decode_fixed, size=aug.load_size)
@@ -269,7 +270,7 @@ def main(args: argparse.Namespace) -> None:
             ram = cache_module.RamCache(paths, aug.load_size, decode, workers=args.workers + 1)  # as train.py
             builds.append(time.perf_counter() - start)
         build_s = statistics.median(builds)
-        cached = dataset_module.ImageSubset(data, everything, loader_part, aug.load_size, cache=ram)
+        cached = subset_module.ImageSubset(data, everything, loader_part, aug.load_size, cache=ram)
         results["c"] = images_per_second(make_loader(cached, args), args.repeat, device_part)
         first_epoch_s = build_s + n / results["c"][0]
         results["b"] = (n / first_epoch_s, n / (min(builds) + n / results["c"][1]), results["c"][2])

@@ -101,6 +101,7 @@ def measure(args: argparse.Namespace) -> None:
     import dataset as dataset_module
     import engine
     import imaging
+    import subset as subset_module
     import train
     import utils
 
@@ -114,7 +115,7 @@ def measure(args: argparse.Namespace) -> None:
     flags = ["--num_workers", str(workers), "--batch_size", str(args.batch_size), "--resize", *map(str, RESIZE)]
     train_args = train.get_parser().parse_args(flags)
     loader_part, _ = augmentation.split_for_device(aug.train_transform)  # the hand-over engine.fit makes
-    subset = dataset_module.ImageSubset(data, np.arange(len(data)), loader_part, aug.load_size, cache=ram)
+    subset = subset_module.ImageSubset(data, np.arange(len(data)), loader_part, aug.load_size, cache=ram)
     sampler = engine.EpochSampler(len(subset), train_args.seed)  # the training loader, as engine.fit makes it
     settings = engine.LoopSettings.from_config(vars(train_args))
     loader = engine.make_loader(subset, args.batch_size, settings, torch.device("cpu"), sampler)

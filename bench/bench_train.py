@@ -40,6 +40,7 @@ import engine
 import imaging
 import labels
 import model as model_module
+import subset as subset_module
 import train
 import utils
 from augmentation import split_for_device
@@ -151,7 +152,7 @@ def main(args: argparse.Namespace) -> None:
         print(ram.report)
 
     loader_part, device_part = split_for_device(aug.train_transform)
-    subset = dataset_module.ImageSubset(data, np.arange(len(data)), loader_part, aug.load_size, cache=ram)
+    subset = subset_module.ImageSubset(data, np.arange(len(data)), loader_part, aug.load_size, cache=ram)
     loader = training_loader(subset, args.batch_size, train_args)
 
     def on_device(batches: Iterable) -> Iterator:

@@ -14,6 +14,7 @@ import augmentation
 import cache
 import dataset
 import imaging
+import subset as subset_module
 import train
 
 SIZE = (64, 48)
@@ -36,8 +37,8 @@ def test_cached_and_uncached_eval_tensors_are_identical(data, tmp_path, kind):
     store = cache.build_cache(kind, paths, size, decode_at(size), workers=2, cache_dir=tmp_path / "cache")
     assert not store.bad and len(store) == len(paths)
     indices = np.arange(len(data))
-    cached = dataset.ImageSubset(data, indices, aug.eval_transform, aug.load_size, store)
-    plain = dataset.ImageSubset(data, indices, aug.eval_transform, aug.load_size)
+    cached = subset_module.ImageSubset(data, indices, aug.eval_transform, aug.load_size, store)
+    plain = subset_module.ImageSubset(data, indices, aug.eval_transform, aug.load_size)
     for i in (0, 7, len(data) - 1):
         assert torch.equal(cached[i][0], plain[i][0])
         assert cached[i][1] == plain[i][1]
@@ -75,7 +76,7 @@ def test_two_workers_draw_different_augmentations_from_the_same_cached_image(dat
     paths = [str(p) for p in data.image_paths]
     aug = augmentation.AlbumentationsAugmentation(resize=SIZE, mean=dataset.SEED_MEAN, std=dataset.SEED_STD)
     store = cache.RamCache(paths, aug.load_size, decode_at(aug.load_size))
-    same = dataset.ImageSubset(data, [3] * 8, aug.train_transform, aug.load_size, store)
+    same = subset_module.ImageSubset(data, [3] * 8, aug.train_transform, aug.load_size, store)
     loader = torch.utils.data.DataLoader(same, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(0))
     images = torch.cat([x for x, _ in loader])
     assert not torch.equal(images[0::2], images[1::2])  # worker 0 and worker 1
@@ -138,8 +139,8 @@ def test_batches_copied_out_of_the_ram_cache_equal_image_by_image_batches(data, 
     store = cache.RamCache([str(p) for p in data.image_paths], aug.load_size, decode_at(aug.load_size))
     loader_part, device_part = augmentation.split_for_device(aug.eval_transform)
     indices = np.arange(5, len(data))
-    fast = dataset.ImageSubset(data, indices, loader_part, aug.load_size, store)
-    plain = dataset.ImageSubset(data, indices, loader_part, aug.load_size)  # no cache: decoded every time
+    fast = subset_module.ImageSubset(data, indices, loader_part, aug.load_size, store)
+    plain = subset_module.ImageSubset(data, indices, loader_part, aug.load_size)  # no cache: decoded every time
     assert fast.gather == (preset == "BaseAugmentation") and not plain.gather
     for order in ([0, 1, 2, 3], [9, 0, 3]):  # the val loader reads through a Subset, in any order
         one_by_one = [plain[i] for i in order]  # __getitem__: every step of the transform, image by image

@@ -45,12 +45,13 @@ def test_resize_is_height_then_width(demo_root, tmp_path):
     import dataset
     import evaldata
     import inference
+    import subset as subset_module
 
     args = train.get_parser().parse_args(["--resize", "40", "24"])
     assert args.resize == [40, 24]
     data = dataset.MaskSplitByProfileDataset(demo_root / "train/images")
     aug = augmentation.FaceAugmentation(args.resize, dataset.SEED_MEAN, dataset.SEED_STD)
-    image = dataset.ImageSubset(data, [0], aug.train_transform, aug.load_size)[0][0]
+    image = subset_module.ImageSubset(data, [0], aug.train_transform, aug.load_size)[0][0]
     assert image.shape == (3, 40, 24)  # portrait photos stay portrait: height first
     config = {"augmentation": "FaceAugmentation", "resize": [40, 24], "mean": [0.5] * 3, "std": [0.2] * 3}
     eval_aug = inference.build_augmentation(config)

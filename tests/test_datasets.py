@@ -15,6 +15,7 @@ import evaldata
 import imaging
 import labels
 import splits
+import subset as subset_module
 import utils
 from utils import UserError
 
@@ -183,7 +184,7 @@ def test_remove_drops_an_image_from_every_list_and_subsets_read_any_dataset(tmp_
     expected = [(p, label, g) for p, label, g in zip(data.image_paths, data.labels, data.groups, strict=True)]
     data.remove({str(gone)})
     assert list(zip(data.image_paths, data.labels, data.groups, strict=True)) == [e for e in expected if e[0] != gone]
-    subset = dataset.ImageSubset(data, [0, 5], np.asarray, size=(12, 16))
+    subset = subset_module.ImageSubset(data, [0, 5], np.asarray, size=(12, 16))
     pixels, target = subset[1]
     assert pixels.shape == (12, 16, 3) and target == data.labels[5]
 

@@ -16,6 +16,7 @@ import dataset
 import labels
 import model as model_module
 import predict
+import subset as subset_module
 import utils
 from conftest import tiny_run_args
 
@@ -65,7 +66,7 @@ def test_gathered_validation_covers_every_image_once_and_equals_a_single_process
     net.load_state_dict(checkpoint["model"])
     aug_cls = augmentation.augmentation_classes()[config["augmentation"]]
     aug = aug_cls(config["resize"], config["mean"], config["std"])
-    subset = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
+    subset = subset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
     loader = torch.utils.data.DataLoader(subset, batch_size=8)
     preds = predict.evaluate(net, loader, torch.device("cpu")).probs.argmax(1).numpy()
     log = pd.read_csv(run / "log.csv")

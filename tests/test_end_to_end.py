@@ -16,6 +16,7 @@ import demo
 import labels
 import model
 import predict
+import subset as subset_module
 import utils
 from conftest import run_script
 
@@ -73,7 +74,7 @@ def test_logged_validation_f1_is_over_every_validation_image(trained, demo_root)
     data = dataset.MaskSplitByProfileDataset(config["data_dir"], config["val_ratio"], config["seed"])
     aug = getattr(augmentation, config["augmentation"])(config["resize"], config["mean"], config["std"])
     _, val_idx = data.split_dataset()
-    val = dataset.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
+    val = subset_module.ImageSubset(data, val_idx, aug.eval_transform, aug.load_size)
     loader = torch.utils.data.DataLoader(val, batch_size=5)
     result = predict.evaluate(net, loader, torch.device("cpu"), targets=val.targets)
     assert result.probs.shape == (21, 18)  # the multi-head default's three heads -> 18 classes

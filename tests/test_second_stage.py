@@ -261,8 +261,8 @@ def pseudo_args(path, **kw):
 def test_pseudo_labels_join_only_the_training_side_within_threshold_and_cap_with_soft_targets(demo_root, tmp_path):
     import numpy as np
 
-    import dataset
     import pseudo
+    import subset as subset_module
 
     data = mask_data(demo_root)
     confidences = [0.95, 0.5, 0.92, 0.99, 0.89999, 0.9, 0.97, 0.3]
@@ -280,7 +280,7 @@ def test_pseudo_labels_join_only_the_training_side_within_threshold_and_cap_with
     for fold in range(3):  # every fold: in training, never validated
         tr, va = wrapped.split_dataset(fold, 3)
         assert pseudo_idx <= set(tr) and not pseudo_idx & set(va)
-    subset = dataset.ImageSubset(wrapped, train_idx, lambda image: 0, (16, 12), None, wrapped.soft_labels)
+    subset = subset_module.ImageSubset(wrapped, train_idx, lambda image: 0, (16, 12), None, wrapped.soft_labels)
     for row, k in enumerate(chosen):
         position = list(train_idx).index(len(data) + row)
         torch.testing.assert_close(subset[position][1], torch.tensor(probs[k], dtype=torch.float32))

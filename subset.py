@@ -1,0 +1,78 @@
+"""What a loader reads: `ImageSubset`, a view of some of a dataset's images (a split's training or validation
+side) with its own transform, decoded from the image cache when there is one, and batches handed over as one
+copy out of a RAM cache when the transform only passes the pixels through.
+
+    python -c "import subset; help(subset.ImageSubset)"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+import augmentation
+import imaging
+
+
+class ImageSubset(Dataset):
+    """A view of some of a dataset's images with its own transform (train and validation never share one)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,  # any dataset class above: reads its `labels` and `image_paths`
+        indices: Sequence[int],
+        transform: Callable,
+        size: Sequence[int],
+        cache: Any = None,
+        soft_targets: np.ndarray | None = None,
+        extras: torch.Tensor | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.size = tuple(size)  # (H, W) images are decoded at, before the transform
+        self.cache = cache  # cache.RamCache / DiskCache over the dataset's images, or None
+        assert cache is None or cache[0].shape[:2] == self.size, "the cache holds images of the size decoded here"
+        self.targets = np.asarray(dataset.labels)[self.indices]
+        # Per image, the probabilities to learn (--pseudo_soft), handed over in place of the class index.
+        self.soft = None if soft_targets is None else torch.from_numpy(np.asarray(soft_targets)[self.indices])
+        self.extras = extras  # per image of the subset, handed over third (--kd_cache: the teachers' logits)
+        # When the transform would return the decoded pixels unchanged, batches skip it (see __getitems__).
+        self.pixels_only = augmentation.passes_pixels_through(transform, self.size)
+        self.gather = self.pixels_only and hasattr(cache, "images")  # and a batch is one copy out of memory
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def pixels(self, i: int) -> np.ndarray:
+        """The i-th image before the transform: HxWx3 uint8 at `size`, from the cache when there is one."""
+        j = int(self.indices[i])
+        if self.cache is not None:
+            return self.cache[j]
+        return imaging.decode_fixed(self.dataset.image_paths[j], self.size)
+
+    def target(self, i: int) -> int | torch.Tensor:
+        return int(self.targets[i]) if self.soft is None else self.soft[i]
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        item = self.transform(Image.fromarray(self.pixels(i))), self.target(i)
+        return item if self.extras is None else (*item, self.extras[i])
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[Any, ...]]:
+        """The samples of one batch, as a DataLoader fetches them: the same as `[self[i] for i in items]`, with
+        the pixels of a pixels-only transform stacked directly (from a RAM cache: one copy)."""
+        if not self.pixels_only:
+            return [self[i] for i in items]
+        rows = np.asarray(items, dtype=np.int64)
+        if self.gather:
+            pixels = self.cache.images[self.indices[rows]]
+        else:
+            pixels = np.stack([self.pixels(i) for i in rows])
+        targets = self.targets[rows].tolist() if self.soft is None else list(self.soft[rows])
+        columns = [torch.from_numpy(pixels).permute(0, 3, 1, 2), targets]
+        return list(zip(*columns, *([self.extras[rows]] if self.extras is not None else []), strict=True))
