@@ -11,13 +11,14 @@ to it exactly as it would to a freshly decoded image, so cached and uncached ten
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import mmap
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,12 @@ class RamCache:
             f"built in {time.time() - start:.1f}s"
         )
 
-    def keep(self, mask: np.ndarray) -> None:
-        """Drop the rows where `mask` is False (images removed from the dataset)."""
-        self.images = self.images[mask]
+    def kept(self, mask: np.ndarray) -> RamCache:
+        """This cache without the rows where `mask` is False (images removed from the dataset); itself unchanged,
+        for the next run of a sweep."""
+        new = copy.copy(self)
+        new.images = self.images[mask]
+        return new
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.images[index]
@@ -179,9 +183,11 @@ class DiskCache:
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.root / digest[:2] / f"{digest}.npy"
 
-    def keep(self, mask: np.ndarray) -> None:
-        self.files = [f for f, k in zip(self.files, mask, strict=True) if k]
-        self.paths = [p for p, k in zip(self.paths, mask, strict=True) if k]
+    def kept(self, mask: np.ndarray) -> DiskCache:
+        new = copy.copy(self)
+        new.files = [f for f, k in zip(self.files, mask, strict=True) if k]
+        new.paths = [p for p, k in zip(self.paths, mask, strict=True) if k]
+        return new
 
     def __getitem__(self, index: int) -> np.ndarray:
         """The entry, checked as it is read: a truncated, overwritten or foreign file is decoded again from its
@@ -226,6 +232,51 @@ def build_cache(
     raise utils.UserError(f"--cache {kind} is unknown: choose auto, none, ram or disk")
 
 
+_reused: dict[tuple, tuple[dict[str, str], RamCache | DiskCache | None]] | None = None  # see reuse_within_process
+REUSED_AT_MOST = 2  # decoded sets kept by reuse_within_process: a sweep over --resize alternates between a few
+
+
+@contextlib.contextmanager
+def reuse_within_process() -> Iterator[None]:
+    """Within this block, `prepare_images` decodes a set of images once and hands later calls over the same files
+    (by path, size and modification time), load size, cache kind and folder the cache it built then (sweep.py:
+    the trials of a sweep run one after another in one process)."""
+    global _reused
+    outer, _reused = _reused, {} if _reused is None else _reused
+    try:
+        yield
+    finally:
+        _reused = outer
+
+
+def reuse_key(paths: Sequence[str], size: Sequence[int], kind: str, cache_dir: str) -> tuple:
+    files = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+    return files, tuple(size), kind, str(Path(cache_dir).resolve()) if kind == "disk" else None
+
+
+def decoded_once(
+    paths: Sequence[str], decode: Decode, size: Sequence[int], kind: str, workers: int, cache_dir: str
+) -> tuple[dict[str, str], RamCache | DiskCache | None]:
+    """({path: reason} of the unreadable images, the cache of `kind` or None): built now, or within
+    `reuse_within_process` taken from an earlier call over the same images."""
+    key = reuse_key(paths, size, kind, cache_dir) if _reused is not None else None
+    if key is not None and key in _reused:
+        bad, cache = _reused[key]
+        print(f"Decoded images reused from the previous run in this process ({len(paths)} images, {kind} cache)")
+        return bad, cache
+    if kind == "none":
+        bad, cache = find_unreadable(paths, decode, workers), None
+    else:
+        cache = build_cache(kind, paths, size, decode, workers, cache_dir)
+        bad = cache.bad
+        print(cache.report)
+    if key is not None:
+        while len(_reused) >= REUSED_AT_MOST:
+            _reused.pop(next(iter(_reused)))
+        _reused[key] = bad, cache
+    return bad, cache
+
+
 def prepare_images(
     data: Any, decode: Decode, size: Sequence[int], kind: str, workers: int, cache_dir: str, skip_bad: bool
 ) -> tuple[dict[str, str], RamCache | DiskCache | None]:
@@ -233,13 +284,7 @@ def prepare_images(
     one: stop with all unreadable images listed, or drop them (`skip_bad`, --skip_bad_images). Returns
     ({path: reason} of dropped images, cache)."""
     paths = [str(p) for p in data.image_paths]
-    kind = choose_kind(kind, len(paths), size)
-    if kind == "none":
-        cache, bad = None, find_unreadable(paths, decode, workers)
-    else:
-        cache = build_cache(kind, paths, size, decode, workers, cache_dir)
-        bad = cache.bad
-        print(cache.report)
+    bad, cache = decoded_once(paths, decode, size, choose_kind(kind, len(paths), size), workers, cache_dir)
     if not bad:
         return bad, cache
     listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
@@ -252,6 +297,6 @@ def prepare_images(
         file=sys.stderr,
     )
     if cache is not None:
-        cache.keep(np.array([p not in bad for p in paths]))
+        cache = cache.kept(np.array([p not in bad for p in paths]))
     data.remove(bad)
     return bad, cache

@@ -65,6 +65,15 @@ def maybe_compile(model: nn.Module, enabled: bool, resize: Sequence[int], device
 # ---------------------------------------------------------------------------------------------------
 # What the loop reads from the run's config.
 EVAL_METRICS = {"macro_f1": "f1", "accuracy": "acc", "loss": "loss"}  # --eval_metric -> the row's val_* column
+EpochHook = Callable[[dict[str, Any]], bool]  # an epoch's log.csv row -> True to stop the run here (a sweep's pruner)
+
+
+class Pruned(Exception):  # noqa: N818 (not an error: the sweep's pruner ended the run, saved first)
+    """A run ended after `epoch` by its `on_epoch` hook, with last.pth saved and config.json marked `pruned`."""
+
+    def __init__(self, run_dir: Path, epoch: int) -> None:
+        super().__init__(f"pruned after epoch {epoch}")
+        self.run_dir, self.epoch = run_dir, epoch
 
 
 def score_of(metrics: dict[str, float], eval_metric: str) -> float:
@@ -298,8 +307,10 @@ class Trainer:
         run_dir: Path,
         device: torch.device,
         world: int = 1,
+        on_epoch: EpochHook | None = None,
     ) -> None:
         self.state, self.split, self.data, self.run_dir, self.device = state, split, data, run_dir, device
+        self.on_epoch = on_epoch
         self.settings = LoopSettings.from_config(state.config)
         self.criterion = criterion.to(device)
         self.num_classes = data.num_classes
@@ -472,7 +483,11 @@ class Trainer:
                         f"{shlex.quote(str(self.run_dir))}"
                     )
                     raise utils.Stopped(stop.signal, self.run_dir)
-                if self.end_epoch(*self.validate_epoch(epoch, train)):
+                stopping = self.end_epoch(*self.validate_epoch(epoch, train))
+                pruned = self.on_epoch is not None and self.on_epoch(s.rows[-1])  # every epoch is reported
+                if pruned and not stopping and epoch < self.settings.epochs:
+                    self.prune(epoch)
+                if stopping:
                     print(f"Early stopping: no better validation {self.settings.eval_metric} for {s.stopper.patience}"
                           " epochs")  # fmt: skip
                     break
@@ -482,6 +497,15 @@ class Trainer:
                     raise utils.Stopped(stop.signal, self.run_dir)
         s.finished = True
         self.save("last.pth")
+
+    def prune(self, epoch: int) -> None:
+        """End the run after `epoch` as a stopped run ends (last.pth, resumable), marked pruned in config.json."""
+        self.state.config["pruned"] = True
+        if self.main_rank:
+            rundir.save_config(self.state.config, self.run_dir)
+        self.save("last.pth")
+        print(f"Pruned by the sweep after epoch {epoch}; saved {self.run_dir / 'last.pth'}")
+        raise Pruned(self.run_dir, epoch)
 
     def finish(self) -> None:
         """The run's final metrics (TensorBoard HParams) and where to go next."""
@@ -510,9 +534,11 @@ def fit(
     world: int = 1,
     checkpoint: dict[str, Any] | None = None,
     folds_left: Sequence[int | None] = (),
+    on_epoch: EpochHook | None = None,
 ) -> dict[str, Any]:
     """Train one split (the holdout or one fold) into `run_dir`, from the start or from `checkpoint`. Returns the
-    split's `fold_result` (for out-of-fold predictions); a signal raises utils.Stopped after saving last.pth."""
+    split's `fold_result` (for out-of-fold predictions); a signal raises utils.Stopped after saving last.pth.
+    `on_epoch` sees each epoch's row after it is recorded; True ends the run there with `Pruned`."""
     devices.set_deterministic(config.get("deterministic", False))
     devices.seed_everything(config["seed"])  # each split alone: --fold 2 trains as fold 2 of --fold all does
     split = build_split(config, data, aug, cache, fold, device, world)
@@ -536,7 +562,7 @@ def fit(
         devices.seed_for_rank(devices.rank())
     config.update(train_images=len(split.train_set), val_images=len(split.val_set))
     trainer = Trainer(state, split, build_criterion(config, split, state.model, data.num_classes), data, run_dir,
-                      device, world)  # fmt: skip
+                      device, world, on_epoch)  # fmt: skip
     if trainer.main_rank:
         rundir.save_config(config, run_dir)
         from torch.utils.tensorboard import SummaryWriter

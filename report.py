@@ -78,6 +78,14 @@ def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     utils.atomic_write(path, write)
 
 
+def read_log(path: Path) -> list[dict[str, str]]:
+    """The rows of a log.csv (values as text), [] when there is none yet."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def class_report(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
     """Precision, recall, F1 and support of every class (0 where undefined: sklearn's zero_division=0)."""
     k = len(class_names)

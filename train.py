@@ -159,7 +159,8 @@ def fold_plan(config: dict[str, Any]) -> list[int | None]:
 
 
 # ---------------------------------------------------------------------------------------------------
-def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
+def main(args: Namespace, argv: Sequence[str] | None = None, on_epoch: engine.EpochHook | None = None) -> Path:
+    """Train the run `args` describes (`argv`: the words given, for --resume); `on_epoch` is a sweep's pruner."""
     resumed, checkpoints = None, {}
     if args.resume:
         args, resumed, checkpoints = resume_args(args, sys.argv[1:] if argv is None else argv)
@@ -167,7 +168,7 @@ def main(args: Namespace, argv: Sequence[str] | None = None) -> Path:
     rank, world, device = devices.init_distributed(args.device, args.dist_timeout)
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
-            return train(args, resumed, checkpoints, world, device)
+            return train(args, resumed, checkpoints, world, device, on_epoch)
     finally:
         devices.cleanup_distributed()
 
@@ -230,6 +231,7 @@ def train(
     checkpoints: dict[int | None, Path],
     world: int,
     device: torch.device,
+    on_epoch: engine.EpochHook | None = None,
 ) -> Path:
     predict.check_amp(args.amp, device)
     data_dir = demo.resolve_train_dir(args.data_dir, files_ok=args.dataset == "CSVDataset")
@@ -262,7 +264,8 @@ def train(
         if devices.rank() == 0 and bad_images:
             rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
             utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))
-        return train_folds(config, data, aug, cache, run_dir, checkpoints if resumed else None, world, device)
+        resumed_from = checkpoints if resumed else None
+        return train_folds(config, data, aug, cache, run_dir, resumed_from, world, device, on_epoch)
     except UserError:
         if resumed is None and devices.rank() == 0:
             rundir.remove_unused(run_dir)
@@ -278,6 +281,7 @@ def train_folds(
     checkpoints: dict[int | None, Path] | None,
     world: int,
     device: torch.device,
+    on_epoch: engine.EpochHook | None = None,
 ) -> Path:
     """Train every fold of the plan into its directory, then write oof.csv for a k-fold run. Resuming
     (`checkpoints` not None), a fold whose last.pth says finished is read back, an interrupted one continues
@@ -306,7 +310,9 @@ def train_folds(
         if checkpoint is not None:
             fold_config["resumed"] = checkpoint["config"].get("resumed", [])
         try:
-            result = engine.fit(fold_config, data, aug, cache, fold, fold_dir, device, world, checkpoint, plan[k + 1 :])
+            result = engine.fit(
+                fold_config, data, aug, cache, fold, fold_dir, device, world, checkpoint, plan[k + 1 :], on_epoch
+            )
         except utils.Stopped as stopped:
             stopped.run_dir = run_dir  # a k-fold run resumes through its own directory
             raise

@@ -68,8 +68,9 @@ def test_unreadable_images_are_reported_by_the_cache_build(tmp_path, workers):
     store = cache.RamCache([str(p) for p in paths], SIZE, decode_at(), workers=workers)
     assert list(store.bad) == [str(paths[4])]
     assert [int(store[i][0, 0, 0]) // 10 for i in range(7)] == [0, 3, 6, 9, 0, 15, 18]  # rows in path order
-    store.keep(np.arange(7) != 4)
-    assert len(store) == 6
+    kept = store.kept(np.arange(7) != 4)
+    assert len(kept) == 6 and len(store) == 7  # the cache itself stays whole, for a sweep's next trial
+    assert [int(kept[i][0, 0, 0]) // 10 for i in range(6)] == [0, 3, 6, 9, 15, 18]
 
 
 def test_two_workers_draw_different_augmentations_from_the_same_cached_image(data, tmp_path):
