@@ -24,10 +24,19 @@ def quick_start() -> list[str]:
     return re.findall(r"```bash\n(.+?)\n```", section)
 
 
-def example_commands() -> list[str]:
-    """Every `python train.py ...` / `python inference.py ...` shown outside the Quick start."""
+def example_commands(postgres: bool = False) -> list[str]:
+    """Every `python train.py ...` / `inference.py` / `runs.py` / `sweep.py` shown outside the Quick start; the
+    sweep on a PostgreSQL server only with `postgres` (tests/test_sweep.py runs it on a server of its own)."""
     rest = README.split("## Your data", 1)[1]
-    return re.findall(r"(?m)(?:^|`)(python (?:train|inference|runs)\.py[^`\n]*)", rest)
+    found = re.findall(r"(?m)(?:^|`)(python (?:train|inference|runs|sweep)\.py[^`\n]*)", rest)
+    return [c for c in found if ("postgresql://" in c) == postgres]
+
+
+def tiny_sweep(args: list[str]) -> list[str]:
+    """A README sweep shortened for the tiny data: two trials of one or two epochs at 64x48."""
+    args = [re.sub(r"^epochs=int:\d+:\d+$", "epochs=int:1:2", a) for a in args]
+    args[args.index("--trials") + 1] = "2"
+    return [*args, *([] if "--" in args else ["--"]), "--epochs", "1", "--resize", "64", "48", "--num_workers", "0"]
 
 
 def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
@@ -106,6 +115,11 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
                               "--output_dir", out, "--save_probs", cwd=tmp_path)  # fmt: skip
             assert done.returncode == 0, done.stderr
             args[args.index("--pseudo_threshold") + 1] = "0.01"  # a tiny run is confident about nothing
+    elif args[0] == "sweep.py":
+        args = tiny_sweep(args)
+    elif args[0] == "runs.py" and args[1:2] == ["model/sw"]:  # a sweep's trials
+        for k in range(2):
+            copy_run(tiny_runs("plain"), tmp_path, f"sw/trial{k}")
     elif args[0] == "runs.py":  # runs to list, or a k-fold run to read suspects from
         name = Path(args[args.index("--suspects") + 1]).name if "--suspects" in args else "exp"
         copy_run(tiny_runs("kfold" if "--suspects" in args else "plain"), tmp_path, name)
