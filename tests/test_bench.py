@@ -55,3 +55,11 @@ def test_bench_distill_prints_the_three_ways(demo_root, tmp_path):
     assert re.search(r"(?m)^plain +[\d.]+ +1\.00 *$", out), out
     assert re.search(r"(?m)^--teacher +[\d.]+ +[\d.]+ *$", out), out
     assert re.search(r"(?m)^--teacher --kd_cache +[\d.]+ +[\d.]+  [\d.]+ s \(teachers' logits\)$", out), out
+
+
+def test_bench_sweep_prints_the_trials_and_the_summary(demo_root):
+    out = bench("bench_sweep.py", "--data", str(demo_root), "--trials", "2", "--space", "lr=log:1e-3:1e-2", "--",
+                "--epochs", "1", "--resize", "64", "48", "--num_workers", "0")  # fmt: skip
+    assert re.search(r"(?m)^wall [\d.]+ min \| epochs trained 2 of 2 unpruned \(100%\) \| 0 of 2 pruned \| best trial "
+                     r"\d \(--lr [\d.e-]+\): val [\d.]+, eval macro F1 [\d.]+$", out), out  # fmt: skip
+    assert re.search(r"(?m)^per-trial overhead after the first trial: median [\d.]+s, max [\d.]+s", out), out
