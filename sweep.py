@@ -14,6 +14,7 @@ import functools
 import io
 import math
 import os
+import random
 import shlex
 import socket
 import sys
@@ -266,8 +267,7 @@ def open_study(args: Namespace, sweep_dir: Path, direction: str) -> Any:
     storage = open_storage(args.storage, sweep_dir)
     shown = args.storage or storage
     try:
-        study = optuna.create_study(study_name=args.name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction=direction, load_if_exists=True)  # fmt: skip
+        study = create_or_load(optuna, args.name, storage, sampler, pruner, direction)
     except ImportError:  # Optuna's wrap of SQLAlchemy's: the dialect's driver module is missing
         raise UserError(f"--storage {shown}: its database driver is not installed: pip install 'psycopg[binary]' "
                         "(PostgreSQL) or pymysql (mysql+pymysql://...)") from None  # fmt: skip
@@ -278,6 +278,25 @@ def open_study(args: Namespace, sweep_dir: Path, direction: str) -> Any:
         raise UserError(f"--name {args.name}: the study in {shown} {study.direction.name.lower()}s its objective, and "
                         f"this --eval_metric asks to {direction}: use another --name")  # fmt: skip
     return study
+
+
+def create_or_load(optuna: Any, name: str, storage: Any, sampler: Any, pruner: Any, direction: str) -> Any:
+    """The study, created by the first process that gets there: processes started together race to create the
+    database's tables and the study (seen with two on one SQLite file: the loser's alembic version row fails), so
+    a failure is tried again a few times before it counts."""
+
+    def create() -> Any:
+        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                   direction=direction, load_if_exists=True)  # fmt: skip
+
+    for attempt in range(3):
+        try:
+            return create()
+        except ImportError:
+            raise
+        except Exception:  # noqa: BLE001 (the last try below reports it)
+            time.sleep(0.5 * (attempt + 1) + random.random() * 0.5)
+    return create()
 
 
 def trial_states() -> Any:
@@ -458,6 +477,7 @@ def write_figures(study: Any, sweep_dir: Path) -> list[Path]:
     finished = len(study.get_trials(deepcopy=False, states=(trial_states().COMPLETE,)))
     with warnings.catch_warnings(), contextlib.closing(SummaryWriter(str(sweep_dir))) as writer:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib's and the importance evaluator's on few trials
         for name, plot in (("history", plots.plot_optimization_history), ("importances", plots.plot_param_importances),
                            ("parallel_coordinate", plots.plot_parallel_coordinate)):  # fmt: skip
             try:
