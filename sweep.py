@@ -299,6 +299,18 @@ def create_or_load(optuna: Any, name: str, storage: Any, sampler: Any, pruner: A
     return create()
 
 
+def close_study(study: Any) -> None:
+    """Closes the study's database connections now, not when the garbage collector finds them (psycopg warns
+    about a connection deleted while open, into whatever the process prints next)."""
+    storage = getattr(study, "_storage", None)
+    backend = getattr(storage, "_backend", storage)
+    if hasattr(backend, "remove_session"):
+        backend.remove_session()
+    engine = getattr(backend, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def trial_states() -> Any:
     from optuna.trial import TrialState
 
@@ -518,16 +530,19 @@ def main(args: Namespace) -> Any:
     direction = "minimize" if eval_metric == "loss" else "maximize"
     sweep_dir = utils.make_dir(Path(args.model_dir) / args.name, "--model_dir", "SM_MODEL_DIR")
     study = open_study(args, sweep_dir, direction)
-    recover_stale(study)
-    print(f"Sweep {args.name}: {counted(study)} of {args.trials} trials finished or running; {eval_metric} is "
-          f"{direction}d, study in {args.storage or sweep_dir / 'study.db'}")  # fmt: skip
     try:
-        with cache_module.reuse_within_process():
-            run_trials(study, args, space, base, sweep_dir)
+        recover_stale(study)
+        print(f"Sweep {args.name}: {counted(study)} of {args.trials} trials finished or running; {eval_metric} is "
+              f"{direction}d, study in {args.storage or sweep_dir / 'study.db'}")  # fmt: skip
+        try:
+            with cache_module.reuse_within_process():
+                run_trials(study, args, space, base, sweep_dir)
+        finally:
+            write_table(study, sweep_dir / "sweep.csv")
+        write_figures(study, sweep_dir)
+        summary(study, sweep_dir)
     finally:
-        write_table(study, sweep_dir / "sweep.csv")
-    write_figures(study, sweep_dir)
-    summary(study, sweep_dir)
+        close_study(study)
     return study
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import sweep
 from conftest import ROOT, run_script
 
 TINY = ["--epochs", "2", "--resize", "64", "48", "--num_workers", "0", "--batch_size", "32"]
@@ -39,7 +40,11 @@ def table(tmp_path: Path) -> pd.DataFrame:
 def study_trials(storage: str) -> list:
     import optuna
 
-    return optuna.load_study(study_name="sw", storage=storage).get_trials(deepcopy=False)
+    study = optuna.load_study(study_name="sw", storage=storage)
+    try:
+        return study.get_trials(deepcopy=False)
+    finally:
+        sweep.close_study(study)
 
 
 def free_port() -> int:
@@ -94,6 +99,7 @@ def test_a_sweep_writes_ordinary_runs_a_table_figures_and_decodes_once(demo_root
     # The same command again: the study is complete, nothing is trained, the outputs are written again.
     again = run_script("sweep.py", *args, "--", *TINY, cwd=tmp_path)
     assert again.returncode == 0 and "Trial 4" not in again.stdout and len(study_trials(study._storage)) == 4
+    sweep.close_study(study)
     serves_the_study_over_http(sweep_dir / "study.db", tmp_path)
 
 
