@@ -322,7 +322,7 @@ class Trainer:
             self.teachers = distill.Teachers(members, state.config, device)
             if state.config.get("kd_cache"):
                 self.split = self.cache_teacher_logits()
-        self.writer = None
+        self.loggers: report.Loggers | None = None  # rank 0's
 
     def cache_teacher_logits(self) -> Split:
         """--kd_cache: the teachers predict every training image once, un-augmented, and the training loader hands
@@ -446,14 +446,14 @@ class Trainer:
             return images if transform is None else transform(images)
 
         report.log_epoch(
-            self.writer, row, val_set.targets, val_preds, self.data.class_names, first_val_images,
+            self.loggers, row, val_set.targets, val_preds, self.data.class_names, first_val_images,
             config["mean"], config["std"], figures=row["best"],
         )  # fmt: skip
         if row["best"]:
             self.save("best.pth", weights)
             report.write_best_reports(
                 self.run_dir, self.data, self.split.val_idx, val_set.targets, chosen.probs.numpy(), val_set.pixels,
-                self.writer, row["epoch"],
+                self.loggers, row["epoch"],
             )  # fmt: skip
         self.save("last.pth")
 
@@ -511,12 +511,12 @@ class Trainer:
         """The run's final metrics (TensorBoard HParams) and where to go next."""
         s, metric = self.state, self.settings.eval_metric
         best_row = next((r for r in s.rows if r["epoch"] == s.best_epoch), {})
-        if self.writer is not None:
+        if self.loggers is not None:
             metrics = {"hparam/best_score": best_row.get("score", s.best_score), "hparam/best_epoch": s.best_epoch}
             metrics["hparam/best_val_f1"] = best_row.get("val_f1", 0.0)
             metrics |= {f"hparam/{k}": best_row[k] for k in ("val_mask_acc", "val_gender_acc", "val_age_acc")
                         if k in best_row}  # fmt: skip
-            report.log_hparams(self.writer, s.config, metrics)
+            self.loggers.finish(s.config, metrics, [self.run_dir / "best.pth", self.run_dir / rundir.CONFIG])
         name = "macro F1" if metric == "macro_f1" else metric
         print(f"Best validation {name} {best_row.get('score', s.best_score):.4f} at epoch {s.best_epoch}; saved in "
               f"{self.run_dir}")  # fmt: skip
@@ -564,15 +564,13 @@ def fit(
     trainer = Trainer(state, split, build_criterion(config, split, state.model, data.num_classes), data, run_dir,
                       device, world, on_epoch)  # fmt: skip
     if trainer.main_rank:
+        trainer.loggers = report.Loggers(config, run_dir)  # first: config.json keeps the trackers' run ids
         rundir.save_config(config, run_dir)
-        from torch.utils.tensorboard import SummaryWriter
-
-        trainer.writer = SummaryWriter(str(run_dir))
     print(f"Run directory: {run_dir}")
     try:
         trainer.run()
         trainer.finish()
     finally:
-        if trainer.writer is not None:
-            trainer.writer.close()
+        if trainer.loggers is not None:
+            trainer.loggers.close(state.finished)
     return fold_result(state)

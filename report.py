@@ -3,6 +3,7 @@ per-class report saved with best.pth.
 
     python train.py                          # prints one line per epoch and writes model/exp/log.csv
     tensorboard --logdir model               # Train/*, Val/* scalars, per-class F1, confusion matrix, predictions
+    python train.py --wandb mask --mlflow    # the same to W&B and MLflow too (loggers.py); console in train.log
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from sklearn.metrics import precision_recall_fscore_support
 
 import dataset
 import labels
+import loggers as loggers_module
 import utils
 
 
@@ -129,8 +132,29 @@ def confusion_figure(targets: np.ndarray, preds: np.ndarray, class_names: Sequen
     return fig
 
 
+def epoch_scalars(row: dict[str, Any], val_targets: np.ndarray, val_preds: np.ndarray,
+                  class_names: Sequence[str]) -> dict[str, float]:  # fmt: skip
+    """Every numeric metric of an epoch's `row` by its tag (Train/*, Val/*), and each class's validation F1 (one
+    tag per class: not TensorBoard's add_scalars, which writes a run folder per class that it lists as runs)."""
+    values: dict[str, float] = {}
+    for key, value in row.items():
+        if key in ("epoch", "best") or not isinstance(value, (int, float)):
+            continue
+        if key.startswith(("train_", "val_")):
+            split, _, name = key.partition("_")
+            values[f"{split.capitalize()}/{name}"] = value
+        elif key.split("_val_")[0] in AVERAGES:
+            name, _, metric = key.partition("_val_")
+            values[f"Val/{name}_{metric}"] = value
+        else:
+            values[f"Train/{key}"] = value
+    for name, value in zip(class_names, utils.f1_per_class(val_targets, val_preds, len(class_names)), strict=True):
+        values[f"Val_f1_per_class/{name}"] = float(value)
+    return values
+
+
 def log_epoch(
-    writer: Any,
+    loggers: Loggers,
     row: dict[str, Any],
     val_targets: np.ndarray,
     val_preds: np.ndarray,
@@ -140,33 +164,18 @@ def log_epoch(
     std: Sequence[float],
     figures: bool = True,
 ) -> None:
-    """TensorBoard for one epoch: every numeric metric of `row` and per-class F1; with `figures` (the epochs whose
-    model best.pth takes: drawing costs about a second each) also the confusion matrix and a grid of the first
-    validation images titled with truth and prediction (`sample_images()` returns them, normalized)."""
+    """One epoch to every logger: its scalars; with `figures` (the epochs whose model best.pth takes: drawing
+    costs about a second each) also the confusion matrix and a grid of the first validation images titled with
+    truth and prediction (`sample_images()` returns them, normalized)."""
     epoch = row["epoch"]
-    for key, value in row.items():
-        if key in ("epoch", "best") or not isinstance(value, (int, float)):
-            continue
-        if key.startswith(("train_", "val_")):
-            split, _, name = key.partition("_")
-            writer.add_scalar(f"{split.capitalize()}/{name}", value, epoch)
-        elif key.split("_val_")[0] in AVERAGES:
-            name, _, metric = key.partition("_val_")
-            writer.add_scalar(f"Val/{name}_{metric}", value, epoch)
-        else:
-            writer.add_scalar(f"Train/{key}", value, epoch)
-    # One tag per class (not add_scalars, which writes a run folder per class that TensorBoard lists as runs).
-    for name, value in zip(class_names, utils.f1_per_class(val_targets, val_preds, len(class_names)), strict=True):
-        writer.add_scalar(f"Val_f1_per_class/{name}", float(value), epoch)
+    loggers.scalars(epoch_scalars(row, val_targets, val_preds, class_names), epoch)
     if not figures:
         return
-    writer.add_image("Val/confusion_matrix", utils.render(confusion_figure(val_targets, val_preds, class_names)),
-                     epoch, dataformats="HWC")  # fmt: skip
+    loggers.image("Val/confusion_matrix", utils.render(confusion_figure(val_targets, val_preds, class_names)), epoch)
     images = sample_images()
     titles = [f"truth {class_names[val_targets[i]]}\npred {class_names[val_preds[i]]}" for i in range(len(images))]
     colors = ["green" if val_preds[i] == val_targets[i] else "red" for i in range(len(images))]
-    grid = utils.image_grid(denormalize(images, mean, std), titles, colors=colors)
-    writer.add_image("Val/predictions", grid, epoch, dataformats="HWC")
+    loggers.image("Val/predictions", utils.image_grid(denormalize(images, mean, std), titles, colors=colors), epoch)
 
 
 def predictions_table(data: Any, indices: np.ndarray, targets: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
@@ -213,11 +222,11 @@ def write_best_reports(
     targets: np.ndarray,
     probs: np.ndarray,
     pixels: Callable[[int], np.ndarray],
-    writer: Any = None,
+    loggers: Loggers | None = None,
     epoch: int = 0,
 ) -> None:
     """With best.pth: the per-class report (best_report.csv), every validation prediction (val_predictions.csv),
-    and the highest-loss validation images (worst_val.png and TensorBoard's Val/worst)."""
+    and the highest-loss validation images (worst_val.png and the loggers' Val/worst)."""
     save_table(class_report(targets, probs.argmax(1), data.class_names), run_dir / "best_report.csv")
     table = predictions_table(data, indices, targets, probs)
     save_table(table, run_dir / "val_predictions.csv")
@@ -225,27 +234,110 @@ def write_best_reports(
 
     worst = worst_figure(table, data.class_names, pixels)
     utils.atomic_write(run_dir / "worst_val.png", lambda f: Image.fromarray(worst).save(f, format="png"), binary=True)
-    if writer is not None:
-        writer.add_image("Val/worst", worst, epoch, dataformats="HWC")
+    if loggers is not None:
+        loggers.image("Val/worst", worst, epoch)
 
 
-def log_hparams(writer: Any, config: dict[str, Any], metrics: dict[str, float]) -> None:
-    """The run's flags and final metrics for TensorBoard's HParams tab (in the run's own event file, so the tab
-    lists one row per run directory under --model_dir)."""
-    from torch.utils.tensorboard.summary import hparams
+class Loggers:
+    """Every logger the run's flags turn on (loggers.LOGGERS: TensorBoard always, W&B, MLflow), called as one.
+    An optional logger that fails (a server that cannot be reached, a full quota) warns once and is dropped:
+    training goes on, and a run is never lost to its logger."""
 
-    flags = {
-        k: v if isinstance(v, (int, float, str, bool)) else str(v)
-        for k, v in config.items()
-        if k not in ("versions", "class_names", "skipped_images", "command", "mean", "std", "resumed", "flag_defaults")
-    }
-    experiment, start, end = hparams(flags, metrics)
-    file_writer = writer._get_file_writer()
-    for summary in (experiment, start, end):
-        file_writer.add_summary(summary)
-    for name, value in metrics.items():
-        writer.add_scalar(name, value)
-    writer.flush()
+    def __init__(self, config: dict[str, Any], run_dir: Path) -> None:
+        self.loggers: list[Any] = []
+        for kind in loggers_module.LOGGERS:
+            if kind.wanted(config):
+                self.call(kind, lambda kind=kind: self.loggers.append(kind(config, run_dir)))
+
+    def call(self, logger: Any, action: Callable[[], Any]) -> None:
+        if not logger.optional:
+            action()
+            return
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 (whatever the library or its server raises, the run goes on)
+            if logger in self.loggers:
+                self.loggers.remove(logger)
+            why = utils.one_line(utils.reason(e))
+            print(f"warning: {logger.label} logging is off for the rest of this run ({why}); training goes on, and "
+                  "log.csv, train.log and TensorBoard keep everything", file=sys.stderr)  # fmt: skip
+
+    def each(self, method: str, *args: Any) -> None:
+        for logger in list(self.loggers):
+            self.call(logger, lambda logger=logger: getattr(logger, method)(*args))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.each("scalars", values, step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An HWC uint8 figure."""
+        self.each("image", tag, image, step)
+
+    def finish(self, config: dict[str, Any], metrics: dict[str, float], files: Sequence[Path]) -> None:
+        """The final metrics (TensorBoard's HParams tab, W&B's summary, MLflow's metrics) and the run's files."""
+        self.each("finish", config, metrics, list(files))
+
+    def close(self, finished: bool) -> None:
+        self.each("close", finished)
+
+
+class ConsoleLog:
+    """Everything a run prints (stdout and stderr: the epoch lines, warnings, the summary) also goes to train.log
+    in its run directory once `attach` names it, what was printed before first; a resumed run appends. Progress
+    bars (redrawn with \\r) stay on the terminal. A log that cannot be written stops; the run does not."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] | None = []
+        self.file: Any = None
+
+    def __enter__(self) -> ConsoleLog:
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(sys.stdout, self), Tee(sys.stderr, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self.streams
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def attach(self, run_dir: Path) -> None:
+        if self.pending is None:
+            return
+        try:
+            self.file = open(run_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115 (closed on exit)
+            self.file.write("".join(self.pending))
+            self.file.flush()
+        except OSError:
+            self.file = None
+        self.pending = None
+
+    def write(self, text: str) -> None:
+        if "\r" in text:
+            return
+        if self.pending is not None:
+            self.pending.append(text)
+        elif self.file is not None:
+            try:
+                self.file.write(text)
+                if "\n" in text:
+                    self.file.flush()
+            except OSError:
+                self.file = None
+
+
+class Tee:
+    """A console stream that also hands what it is given to a ConsoleLog."""
+
+    def __init__(self, stream: Any, log: ConsoleLog) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding: the console's own
+        return getattr(self.stream, name)
 
 
 def write_oof(run_dir: Path, data: Any, folds: Sequence[dict[str, Any]]) -> float:

@@ -31,7 +31,7 @@ import utils
 from utils import UserError
 
 # Flags that name or locate a run rather than change how it trains, and those with columns of their own.
-NOT_COMPARED = ("name", "model_dir", "resume", "model", "resize", "eval_metric", "config", "sweep")
+NOT_COMPARED = ("name", "model_dir", "resume", "model", "resize", "eval_metric", "config", "sweep", "trackers")
 SUSPECT_COLUMNS = [
     "group",
     "field",

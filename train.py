@@ -28,6 +28,7 @@ import devices
 import distill
 import engine
 import imaging
+import loggers
 import model as model_module
 import options
 import predict
@@ -53,6 +54,7 @@ def get_parser() -> argparse.ArgumentParser:
     options.add_optimization_flags(p.add_argument_group("optimization"))
     options.add_second_stage_flags(p.add_argument_group("second stage (SWA, distillation, pseudo-labels)"))
     options.add_runtime_flags(p.add_argument_group("runtime"))
+    loggers.add_flags(p.add_argument_group("experiment tracking (TensorBoard always; console in train.log)"))
     return p
 
 
@@ -165,10 +167,11 @@ def main(args: Namespace, argv: Sequence[str] | None = None, on_epoch: engine.Ep
     if args.resume:
         args, resumed, checkpoints = resume_args(args, sys.argv[1:] if argv is None else argv)
     options.check_args(args)
+    loggers.check(vars(args))
     rank, world, device = devices.init_distributed(args.device, args.dist_timeout)
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
-            return train(args, resumed, checkpoints, world, device, on_epoch)
+        with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else report.ConsoleLog() as console:
+            return train(args, resumed, checkpoints, world, device, on_epoch, None if rank else console)
     finally:
         devices.cleanup_distributed()
 
@@ -232,6 +235,7 @@ def train(
     world: int,
     device: torch.device,
     on_epoch: engine.EpochHook | None = None,
+    console: report.ConsoleLog | None = None,
 ) -> Path:
     predict.check_amp(args.amp, device)
     data_dir = demo.resolve_train_dir(args.data_dir, files_ok=args.dataset == "CSVDataset")
@@ -259,6 +263,8 @@ def train(
     if run_dir is None:  # rank 0 names the run; every rank writes (only rank 0) into that one directory
         name = str(rundir.increment_path(Path(args.model_dir) / args.name)) if devices.rank() == 0 else None
         run_dir = Path(devices.broadcast_object(name))
+    if console is not None:
+        console.attach(run_dir)
     try:
         config = run_config(args, data, aug, (mean, std), data_dir, run_dir, bad_images, world)
         if devices.rank() == 0 and bad_images:
@@ -307,8 +313,9 @@ def train_folds(
         if kfold and devices.rank() == 0:
             fold_dir.mkdir(exist_ok=True)
             print(f"Fold {fold} of {config['n_splits']}: {fold_dir}")
-        if checkpoint is not None:
+        if checkpoint is not None:  # the resumes so far, and the W&B and MLflow runs it continues
             fold_config["resumed"] = checkpoint["config"].get("resumed", [])
+            fold_config["trackers"] = dict(checkpoint["config"].get("trackers", {}))
         try:
             result = engine.fit(
                 fold_config, data, aug, cache, fold, fold_dir, device, world, checkpoint, plan[k + 1 :], on_epoch

@@ -14,6 +14,8 @@ sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
 
+os.environ["WANDB_MODE"] = "offline"  # --wandb in any test (the README's examples too) writes local files only
+
 SLOWEST = ("test_quick_start_run_command_trains_and_writes_a_submission",)  # minutes: the README's full demo run
 
 

@@ -80,15 +80,15 @@ def test_log_epoch_draws_figures_only_when_asked():
 
     import report
 
-    class Writer:
+    class Writer:  # report.Loggers' interface
         def __init__(self):
-            self.figures, self.scalars = [], []
+            self.figures, self.tags = [], []
 
-        def add_scalar(self, tag, value, step):
-            self.scalars.append(tag)
+        def scalars(self, values, step):
+            self.tags += list(values)
 
-        def add_image(self, tag, image, step, dataformats):
-            assert image.dtype.name == "uint8" and image.ndim == 3 and image.shape[2] == 3 and dataformats == "HWC"
+        def image(self, tag, image, step):
+            assert image.dtype.name == "uint8" and image.ndim == 3 and image.shape[2] == 3
             self.figures.append(tag)
 
     targets, preds, names = np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"]
@@ -96,4 +96,4 @@ def test_log_epoch_draws_figures_only_when_asked():
     for figures, expected in ((True, ["Val/confusion_matrix", "Val/predictions"]), (False, [])):
         writer = Writer()
         report.log_epoch(writer, {"epoch": 1, "val_f1": 0.5}, targets, preds, names, images, [0] * 3, [1] * 3, figures)
-        assert writer.figures == expected and "Val/f1" in writer.scalars and "Val_f1_per_class/b" in writer.scalars
+        assert writer.figures == expected and "Val/f1" in writer.tags and "Val_f1_per_class/b" in writer.tags

@@ -57,6 +57,13 @@ def test_bench_distill_prints_the_three_ways(demo_root, tmp_path):
     assert re.search(r"(?m)^--teacher --kd_cache +[\d.]+ +[\d.]+  [\d.]+ s \(teachers' logits\)$", out), out
 
 
+def test_bench_loggers_prints_the_four_ways(demo_root):
+    out = bench("bench_loggers.py", "--data_dir", str(demo_root / "train/images"), "--epochs", "1", "--",
+                "--resize", "64", "48", "--num_workers", "0")  # fmt: skip
+    for way in ("TensorBoard", r"\+ --wandb \(offline\)", r"\+ --mlflow \(SQLite\)", r"\+ both"):
+        assert re.search(rf"(?m)^{way} +[\d.]+ +[\d.]+ +[\d.]+ +-?[\d.]+$", out), out
+
+
 def test_bench_sweep_prints_the_trials_and_the_summary(demo_root):
     out = bench("bench_sweep.py", "--data", str(demo_root), "--trials", "2", "--space", "lr=log:1e-3:1e-2", "--",
                 "--epochs", "1", "--resize", "64", "48", "--num_workers", "0")  # fmt: skip

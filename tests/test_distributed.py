@@ -26,7 +26,8 @@ def ddp_run(demo_root, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("ddp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
     # 12 persons x 7 photos at --val_ratio 0.25: 3 persons, 21 validation images, odd for 2 processes.
-    args = [*tiny_run_args(demo_root, "--val_ratio", "0.25", "--num_workers", "0"), "--model_dir", str(cwd / "model")]
+    args = [*tiny_run_args(demo_root, "--val_ratio", "0.25", "--num_workers", "0"), "--model_dir", str(cwd / "model"),
+            "--mlflow", f"sqlite:///{cwd / 'mlflow.db'}"]  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
         [*command, str(utils_root() / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
@@ -48,6 +49,18 @@ def test_two_processes_write_exactly_one_run_directory(ddp_run):
     config = pd.read_json(cwd / "model/exp/config.json", typ="series")
     assert config["world_size"] == 2 and config["global_batch_size"] == 2 * config["batch_size"]
     assert done.stdout.count("Run directory:") == 1  # only rank 0 prints
+
+
+def test_only_rank_0_logs_to_the_tracker_and_to_train_log(ddp_run):
+    import mlflow
+
+    cwd, _ = ddp_run
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["baseline"])
+    assert list(runs["tags.mlflow.runName"]) == ["exp"] and list(runs["status"]) == ["FINISHED"]
+    assert len(mlflow.MlflowClient().get_metric_history(runs["run_id"][0], "Val/f1")) == 1
+    log = (cwd / "model/exp/train.log").read_text()
+    assert log.count("Run directory:") == 1 and log.count("epoch   1/1") == 1
 
 
 def test_gathered_validation_covers_every_image_once_and_equals_a_single_process_evaluation(ddp_run, demo_root):
