@@ -29,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 import augmentation
+import cam
 import devices
 import distill
 import loss as loss_module
@@ -323,6 +324,7 @@ class Trainer:
             if state.config.get("kd_cache"):
                 self.split = self.cache_teacher_logits()
         self.loggers: report.Loggers | None = None  # rank 0's
+        self.cam = cam.RunCam(state.config["resize"], data.class_names)  # Grad-CAM in worst_val.png
 
     def cache_teacher_logits(self) -> Split:
         """--kd_cache: the teachers predict every training image once, un-augmented, and the training loader hands
@@ -439,11 +441,19 @@ class Trainer:
         report.write_log(self.run_dir / "log.csv", self.state.rows)
         val_preds = chosen.probs.argmax(1).numpy()
 
-        def first_val_images() -> torch.Tensor:
-            """The first 16 validation images as the network sees them, for TensorBoard."""
-            images = torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))])
+        def val_inputs(rows: Sequence[int]) -> torch.Tensor:
+            """Validation images as the network sees them (normalized)."""
+            images = torch.stack([val_set[i][0] for i in rows])
             transform = self.split.eval_batch_transform
             return images if transform is None else transform(images)
+
+        def first_val_images() -> torch.Tensor:
+            return val_inputs(range(min(16, len(val_set))))
+
+        def explain(rows: list[int], preds: list[int], truths: list[int]) -> tuple[np.ndarray, Any] | None:
+            images = val_inputs(rows)
+            maps = self.cam(weights, images, preds, truths)
+            return None if maps is None else (report.denormalize(images.cpu(), config["mean"], config["std"]), maps)
 
         report.log_epoch(
             self.loggers, row, val_set.targets, val_preds, self.data.class_names, first_val_images,
@@ -453,7 +463,7 @@ class Trainer:
             self.save("best.pth", weights)
             report.write_best_reports(
                 self.run_dir, self.data, self.split.val_idx, val_set.targets, chosen.probs.numpy(), val_set.pixels,
-                self.loggers, row["epoch"],
+                self.loggers, row["epoch"], explain,
             )  # fmt: skip
         self.save("last.pth")
 

@@ -146,12 +146,6 @@ def add_runtime_flags(g: argparse._ArgumentGroup) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Runs and ensembles.
-def build_augmentation(config: dict[str, Any]) -> Any:
-    """The run's augmentation preset at its training size and normalization (its eval_transform and load_size)."""
-    aug_cls = utils.find_class(augmentation_module, config["augmentation"], "the run's augmentation")
-    return aug_cls(resize=config["resize"], mean=config["mean"], std=config["std"])
-
-
 # ---------------------------------------------------------------------------------------------------
 # Eval data in any layout (read by evaldata.find_eval_images).
 def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
@@ -285,7 +279,7 @@ def main(args: Namespace) -> Path:
     # Every checkpoint is loaded (on the CPU) before anything is written, so a bad run fails without output.
     used = [m for m in members if m.weight > 0]
     models = [rundir.load_model(m.checkpoint, m.config)[0] for m in used]
-    augs = [build_augmentation(m.config) for m in used]
+    augs = [rundir.build_augmentation(m.config) for m in used]
     output = Path(args.output_dir) / "output.csv"
     check_writable(output.parent)
     check_images(images, augs[0].load_size, args.num_workers)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
+import cam
 import dataset
 import labels
 import loggers as loggers_module
@@ -32,6 +33,10 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     x = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     return (x.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
 
+
+# Grad-CAM of some validation rows: (rows, predicted classes, true classes) -> (the images as the network sees them,
+# NHWC uint8; their maps), or None when the run draws no maps.
+Explain = Callable[[list[int], list[int], list[int]], "tuple[np.ndarray, cam.Maps] | None"]
 
 AVERAGES = ("ema", "swa")  # the weight averages validated beside the model: their columns are {name}_val_*
 
@@ -202,16 +207,26 @@ def save_table(table: pd.DataFrame, path: Path) -> None:
 
 
 def worst_figure(
-    table: pd.DataFrame, class_names: Sequence[str], pixels: Callable[[int], np.ndarray], n: int = 16
+    table: pd.DataFrame,
+    class_names: Sequence[str],
+    pixels: Callable[[int], np.ndarray],
+    n: int = 16,
+    explain: Explain | None = None,
 ) -> np.ndarray:
     """The `n` validation images with the highest loss in a grid (HWC uint8), titled with truth, prediction and loss;
-    `pixels(i)` is the image of the table's row i (the validation set's, so a cache is reused)."""
+    `pixels(i)` is the image of the table's row i (the validation set's, so a cache is reused). With `explain`, each
+    image is shown as the network sees it, beside its Grad-CAM map for the predicted class (cam.py)."""
     worst = table.nlargest(n, "loss")
-    images = np.stack([pixels(int(i)) for i in worst.index])
     titles = [
         f"truth {class_names[t]}\npred {class_names[p]} (loss {loss:.2f})"
         for t, p, loss in zip(worst["truth"], worst["pred"], worst["loss"], strict=True)
     ]
+    rows, preds, truths = [int(i) for i in worst.index], worst["pred"].tolist(), worst["truth"].tolist()
+    shown = explain(rows, preds, truths) if explain is not None else None
+    if shown is not None:
+        images, maps = shown
+        return cam.pairs_grid(images, maps, titles, ["red"] * len(worst))
+    images = np.stack([pixels(i) for i in rows])
     return utils.image_grid(images, titles, colors=["red"] * len(worst))
 
 
@@ -224,15 +239,17 @@ def write_best_reports(
     pixels: Callable[[int], np.ndarray],
     loggers: Loggers | None = None,
     epoch: int = 0,
+    explain: Explain | None = None,
 ) -> None:
     """With best.pth: the per-class report (best_report.csv), every validation prediction (val_predictions.csv),
-    and the highest-loss validation images (worst_val.png and the loggers' Val/worst)."""
+    and the highest-loss validation images (worst_val.png and the loggers' Val/worst), beside their Grad-CAM maps
+    with `explain`."""
     save_table(class_report(targets, probs.argmax(1), data.class_names), run_dir / "best_report.csv")
     table = predictions_table(data, indices, targets, probs)
     save_table(table, run_dir / "val_predictions.csv")
     from PIL import Image
 
-    worst = worst_figure(table, data.class_names, pixels)
+    worst = worst_figure(table, data.class_names, pixels, explain=explain)
     utils.atomic_write(run_dir / "worst_val.png", lambda f: Image.fromarray(worst).save(f, format="png"), binary=True)
     if loggers is not None:
         loggers.image("Val/worst", worst, epoch)

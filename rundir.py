@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import augmentation
 import labels
 import model as model_module
 import utils
@@ -193,6 +194,12 @@ def build_model(config: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
     return model_module.build_model(
         config["model"], config["num_classes"], backbone=config.get("backbone"), **labels.model_kwargs(), **kwargs
     )
+
+
+def build_augmentation(config: dict[str, Any]) -> Any:
+    """The run's augmentation preset at its training size and normalization (its eval_transform and load_size)."""
+    aug_cls = utils.find_class(augmentation, config["augmentation"], "the run's augmentation")
+    return aug_cls(resize=config["resize"], mean=config["mean"], std=config["std"])
 
 
 def load_model(path: Path, config: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -4,11 +4,14 @@ models consistently contradict (candidates for a human to check; nothing is ever
     python runs.py                                  # every run under $SM_MODEL_DIR (or ./model), best F1 first
     python runs.py model --csv output/runs.csv      # the same table, also saved as CSV
     python runs.py --suspects model/kfold           # persons whose gender or age band the models contradict
+    python runs.py --cam model/exp                  # per class: images right and wrong, beside their Grad-CAM maps
 
 The table has one row per run directory (config.json + log.csv; a k-fold run is one row: the mean of its folds'
 best F1, and the macro F1 of its oof.csv), then one column per train.py flag whose value differs between the runs.
 --suspects writes RUN_DIR/label_suspects.csv and RUN_DIR/label_fixes_template.csv (id,field,value): check the
-photos, keep the rows you confirm, and train with `python train.py --label_fixes FILE`.
+photos, keep the rows you confirm, and train with `python train.py --label_fixes FILE`. Photos are flagged by
+cleanlab's confident learning (and its estimate of wrong labels per value goes to label_issue_estimates.csv), or
+with --method disagreement when the most probable value is another one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import sys
 from argparse import Namespace
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from utils import UserError
 
 # Flags that name or locate a run rather than change how it trains, and those with columns of their own.
 NOT_COMPARED = ("name", "model_dir", "resume", "model", "resize", "eval_metric", "config", "sweep", "trackers")
+METHODS = ("cleanlab", "disagreement")  # --suspects --method; the first is the default
 SUSPECT_COLUMNS = [
     "group",
     "field",
@@ -71,8 +76,15 @@ def get_parser() -> argparse.ArgumentParser:
         "--min_share",
         type=float,
         default=0.8,
-        help="a person is a candidate when at least this share (0..1] of their photos disagree with the label",
+        help="a person is a candidate when at least this share (0..1] of their photos contradict the label",
     )
+    suspects.add_argument("--method", choices=METHODS, default=METHODS[0], help="how a photo is found to contradict "
+                          "its label: cleanlab's confident learning, or the most probable value being another one")
+    maps = p.add_argument_group("class activation maps")
+    maps.add_argument("--cam", default=None, metavar="RUN_DIR", help="instead of the table: RUN_DIR/cam/ gets a "
+                      "figure per class of validation images the run gets right and wrong, beside their Grad-CAM maps")
+    maps.add_argument("--images", type=int, default=4, help="--cam: images per class, right and wrong each")
+    maps.add_argument("--device", default="auto", help="--cam: where the maps are computed (auto, cpu, cuda, cuda:1)")
     return p
 
 
@@ -243,9 +255,34 @@ def mask_fields(class_names: list[str], age_bounds: Sequence[int]) -> dict[str, 
         raise UserError(
             f"--suspects needs mask-competition predictions (18 classes named mask/gender/age, e.g. {example}, with "
             f"the run's --age_bounds {age_bounds[0]} {age_bounds[1]}); these have {len(class_names)} class(es) "
-            f"({utils.listing(class_names)}): gender and age suspects apply to that data only"
+            f"({utils.listing(class_names)}): gender and age suspects apply to that data only, or use --method "
+            "cleanlab, which checks any classes"
         )
     return {"gender": list(labels.GENDER_NAMES), "age": list(labels.age_names(age_bounds))}
+
+
+@dataclass
+class Field:
+    """A label field the suspects are checked on: its value names, the value of each class, and whether it is a
+    label of a whole person (gender, age band) or of one image (the mask; any class of other data)."""
+
+    names: list[str]
+    value_of: np.ndarray
+    per_image: bool
+
+
+def label_fields(class_names: list[str], age_bounds: Sequence[int], method: str) -> dict[str, Field]:
+    """The fields of `method`: gender and age band of mask predictions (cleanlab: the mask too); cleanlab on any
+    other data checks the class (`label`, the field train.py --label_fixes sets there)."""
+    mask_like = len(class_names) == 18 and all(c.count("/") == 2 for c in class_names)  # any --age_bounds
+    if method == "cleanlab" and not mask_like:
+        return {"label": Field(list(class_names), np.arange(len(class_names)), per_image=True)}
+    names = mask_fields(class_names, age_bounds)
+    mask_of, gender_of, age_of = labels.decode(np.arange(len(class_names)))
+    fields = {"gender": Field(names["gender"], gender_of, False), "age": Field(names["age"], age_of, False)}
+    if method == "cleanlab":
+        fields["mask"] = Field(list(labels.MASK_NAMES), mask_of, per_image=True)
+    return fields
 
 
 def read_predictions(run_dir: Path) -> tuple[pd.DataFrame, Path, list[str]]:
@@ -275,47 +312,83 @@ def read_predictions(run_dir: Path) -> tuple[pd.DataFrame, Path, list[str]]:
     return table, path, class_names
 
 
-def label_suspects(
-    table: pd.DataFrame, class_names: list[str], min_share: float, age_bounds: Sequence[int] = labels.DEFAULT_AGE_BOUNDS
-) -> pd.DataFrame:
-    """Per person, field (gender, age) and labelled value: photos, share of them whose predicted value differs
-    from the label, mean probability of the labelled value, the value predicted instead most often, and the
-    photo that contradicts the label most. Returns the candidates (share >= min_share), ranked by the mean
-    probability of the label relative to chance (x 2 for gender, x 3 for age band), lowest first: a gender label
-    at p 0.2 is as suspect as an age band at p 0.13, and an unsure model does not rank its age guesses first.
+def flag_photos(label: np.ndarray, marginal: np.ndarray, method: str) -> tuple[np.ndarray, pd.DataFrame | None]:
+    """(which photos contradict their label, cleanlab's estimate of wrong labels per value or None).
 
-    A field's probability is the sum of the 18 class probabilities over the other fields (P(female) = sum over
+    disagreement: the most probable value is another one. cleanlab: confident learning
+    (cleanlab.filter.find_label_issues, pruned by the estimated noise rates), whose per-value thresholds are the
+    models' mean confidence in that value, so an unsure value (the oldest age band) is not flagged wholesale."""
+    if method == "disagreement":
+        return marginal.argmax(1) != label, None
+    from cleanlab.dataset import rank_classes_by_label_quality
+    from cleanlab.filter import find_label_issues
+
+    present = np.unique(label)
+    if len(present) < 2:  # one value only: nothing to confuse it with
+        return np.zeros(len(label), dtype=bool), None
+    # cleanlab wants every value it is given to occur: keep the labelled values' columns, renormalized.
+    probs = marginal[:, present] / np.clip(marginal[:, present].sum(1, keepdims=True), 1e-12, None)
+    index = np.searchsorted(present, label)
+    flagged = find_label_issues(index, probs, n_jobs=1)
+    estimate = rank_classes_by_label_quality(labels=index, pred_probs=probs)
+    estimate["value"] = present[estimate["Class Index"].to_numpy()]
+    return flagged, estimate
+
+
+def label_suspects(
+    table: pd.DataFrame,
+    class_names: list[str],
+    min_share: float,
+    age_bounds: Sequence[int] = labels.DEFAULT_AGE_BOUNDS,
+    method: str = "disagreement",
+) -> pd.DataFrame:
+    """Per person, field and labelled value (per image for the mask and other data's class): photos, the share of
+    them flagged as contradicting the label (`share_disagree`; how, `flag_photos` says for each method), mean
+    probability of the labelled value, the value predicted instead most often, and the photo that contradicts the
+    label most. Returns the candidates (share >= min_share), ranked by the mean probability of the label relative
+    to chance (x 2 for gender, x 3 for age band), lowest first: a gender label at p 0.2 is as suspect as an age
+    band at p 0.13, and an unsure model does not rank its age guesses first. `.attrs["estimates"]` holds
+    cleanlab's estimated count of wrong labels per field and value (empty for disagreement).
+
+    A field's probability is the sum of the class probabilities over the other fields (P(female) = sum over
     mask and age band), and a photo's predicted value the most probable one. `predicted` is the value the
-    disagreeing photos name most often (for a candidate, the majority of all photos when min_share > 0.5).
+    flagged photos name most often (for a candidate, the majority of all photos when min_share > 0.5).
     `age_bounds` are the run's --age_bounds (`run_age_bounds`), which name the classes and the age bands."""
-    fields = mask_fields(class_names, age_bounds)
+    fields = label_fields(class_names, age_bounds, method)
     probs = table[[f"prob_{c}" for c in class_names]].to_numpy(dtype=np.float64)
     truth = table["truth"].to_numpy(dtype=np.int64)
-    _, gender_of, age_of = labels.decode(np.arange(len(class_names)))
-    rows = []
-    for field, value_of in (("gender", gender_of), ("age", age_of)):
-        names = fields[field]
-        marginal = np.stack([probs[:, value_of == v].sum(1) for v in range(len(names))], 1)
-        label = value_of[truth]
+    rows, estimates = [], []
+    for name, field in fields.items():
+        names = field.names
+        marginal = np.stack([probs[:, field.value_of == v].sum(1) for v in range(len(names))], 1)
+        label = field.value_of[truth]
+        flagged, estimate = flag_photos(label, marginal, method)
+        if estimate is not None:
+            estimates += [{"field": name, "label": names[int(r.value)], "photos": int((label == r.value).sum()),
+                           "estimated_wrong": int(r["Label Issues"])} for _, r in estimate.iterrows()]  # fmt: skip
         per_photo = pd.DataFrame(
             {
                 "group": table["group"].to_numpy(),
+                "key": table["path" if field.per_image else "group"].to_numpy(),
                 "label": label,
                 "pred": marginal.argmax(1),
+                "flagged": flagged,
                 "prob_label": marginal[np.arange(len(label)), label],
                 "path": table["path"].to_numpy(),
             }
         )
-        # By person and labelled value: a person id naming two folders with different labels gives two rows.
-        for (group, given), photos in per_photo.groupby(["group", "label"], sort=True):
-            wrong = photos[photos["pred"] != given]
+        if field.per_image:  # only the flagged images can be candidates: skip grouping thousands of others
+            per_photo = per_photo[per_photo["flagged"]]
+        # By person (or image) and labelled value: a person id naming two folders with different labels gives two.
+        for (_, given), photos in per_photo.groupby(["key", "label"], sort=True):
+            wrong = photos[photos["flagged"]]
             counts = np.bincount(wrong["pred"], minlength=len(names))
             mass = marginal[wrong.index].sum(0) if len(wrong) else np.zeros(len(names))
             instead = max((v for v in range(len(names)) if v != given), key=lambda v: (counts[v], mass[v]))
             rows.append(
                 {
-                    "group": group,
-                    "field": field,
+                    "group": photos["group"].iloc[0],
+                    "field": name,
                     "label": names[given],
                     "predicted": names[instead],
                     "photos": len(photos),
@@ -326,30 +399,43 @@ def label_suspects(
             )
     stats = pd.DataFrame(rows, columns=SUSPECT_COLUMNS)
     candidates = stats[stats["share_disagree"] >= min_share - 1e-9]  # 4/5 photos is a share of 0.8
-    vs_chance = candidates["mean_prob_label"] * candidates["field"].map({f: len(v) for f, v in fields.items()})
+    vs_chance = candidates["mean_prob_label"] * candidates["field"].map({f: len(v.names) for f, v in fields.items()})
     order = candidates.assign(_rank=vs_chance).sort_values(["_rank", "group", "field"], kind="stable")
-    return order.drop(columns="_rank").reset_index(drop=True)
+    result = order.drop(columns="_rank").reset_index(drop=True)
+    result.attrs["estimates"] = pd.DataFrame(estimates, columns=["field", "label", "photos", "estimated_wrong"])
+    return result
 
 
 def fixes_template(suspects: pd.DataFrame) -> pd.DataFrame:
     """The candidates as label-fix rows id,field,value (the predicted value) for train.py --label_fixes, with a
-    note the reader ignores. An age fix needs the person's age in years: the predicted band is a placeholder
-    that train.py refuses until it is replaced."""
+    note the reader ignores. A label of one image (the mask, other data's class) is fixed by its path. An age fix
+    needs the person's age in years: the predicted band is a placeholder that train.py refuses until it is
+    replaced."""
     note = [
-        f"labelled {r.label}; {r.share_disagree:.0%} of {r.photos} photos predicted otherwise; "
+        f"labelled {r.label}; {r.share_disagree:.0%} of {r.photos} photos contradict it; "
         f"mean p(label) {r.mean_prob_label:.3f}; e.g. {r.example_path}"
         + ("; write the age in years" if r.field == "age" else "")
         for r in suspects.itertuples()
     ]
-    return pd.DataFrame(
-        {"id": suspects["group"], "field": suspects["field"], "value": suspects["predicted"], "note": note}
-    )
+    per_image = suspects["field"].isin(("mask", "label"))
+    ids = suspects["example_path"].where(per_image, suspects["group"])
+    return pd.DataFrame({"id": ids, "field": suspects["field"], "value": suspects["predicted"], "note": note})
 
 
-def report_suspects(run_dir: Path, min_share: float) -> pd.DataFrame:
-    """Write RUN_DIR/label_suspects.csv and RUN_DIR/label_fixes_template.csv; print the top 10."""
+def report_suspects(run_dir: Path, min_share: float, method: str) -> pd.DataFrame:
+    """Write RUN_DIR/label_suspects.csv and RUN_DIR/label_fixes_template.csv (and for cleanlab
+    RUN_DIR/label_issue_estimates.csv); print the estimates and the top 10."""
     table, path, class_names = read_predictions(run_dir)
-    suspects = label_suspects(table, class_names, min_share, run_age_bounds(run_dir))
+    suspects = label_suspects(table, class_names, min_share, run_age_bounds(run_dir), method)
+    estimates = suspects.attrs["estimates"]
+    if method == "cleanlab":
+        save_csv(estimates, run_dir / "label_issue_estimates.csv")
+        per_person = table.groupby("group").size().median()
+        print(f"cleanlab estimates these labels are wrong (photos; about {per_person:g} photos per person), saved in "
+              f"{run_dir / 'label_issue_estimates.csv'}:")  # fmt: skip
+        for field, rows in estimates.groupby("field", sort=False):
+            counts = ", ".join(f"{r.label} {r.estimated_wrong} of {r.photos}" for r in rows.itertuples())
+            print(f"  {field}: {counts}")
     out, template = run_dir / "label_suspects.csv", run_dir / "label_fixes_template.csv"
     save_csv(suspects, out)
     save_csv(
@@ -361,7 +447,8 @@ def report_suspects(run_dir: Path, min_share: float) -> pd.DataFrame:
     kind = "out-of-fold predictions" if path.name == "oof.csv" else "validation predictions only"
     print(
         f"Label suspects from {path} ({len(table)} photos of {table['group'].nunique()} persons, {kind}): "
-        f"{len(suspects)} person-field pair(s) with at least {min_share:.0%} of the photos disagreeing with the label."
+        f"{len(suspects)} person-field pair(s) with at least {min_share:.0%} of the photos contradicting the label "
+        f"({method})."
     )
     print("These are candidates for a human to look at, never applied: training data is unchanged.")
     if len(suspects):
@@ -379,11 +466,71 @@ def report_suspects(run_dir: Path, min_share: float) -> pd.DataFrame:
     return suspects
 
 
+# ---------------------------------------------------------------------------------------------------
+# Class activation maps.
+def cam_figures(run_dir: Path, n: int, device: str = "auto") -> list[Path]:
+    """RUN_DIR/cam/class{k}.png for every class: up to `n` validation images the run gets right (most confident
+    first) and `n` it gets wrong (highest loss first), each as the network sees it beside its Grad-CAM map for the
+    predicted class (cam.py). A k-fold run: each fold's own validation images, in its fold{k}/cam/."""
+    import torch
+    from PIL import Image
+
+    import cam
+    import devices
+    import imaging
+    import report
+
+    parts = rundir.fold_dirs(run_dir) or [run_dir]
+    written = []
+    for part in parts:
+        model, config = rundir.load_model(part / "best.pth")
+        if not (part / "val_predictions.csv").is_file():
+            raise UserError(f"--cam {part} holds no val_predictions.csv: pass a run directory trained by train.py")
+        table, _, class_names = read_predictions(part)
+        aug = rundir.build_augmentation(config)
+        try:
+            explainer = cam.Explainer(model.to(devices.select_device(device)), config["resize"], class_names)
+        except cam.NoCamLayer as e:
+            raise UserError(f"--cam {part}: no Grad-CAM for --model {config['model']} ({e})") from None
+        out, before = part / "cam", len(written)
+        out.mkdir(exist_ok=True)
+        for k, name in enumerate(class_names):
+            rows = table[table["truth"] == k]
+            right = rows[rows["pred"] == k].nlargest(n, "prob_truth")
+            wrong = rows[rows["pred"] != k].nlargest(n, "loss")
+            chosen = pd.concat([right, wrong])
+            if chosen.empty:
+                continue
+            inputs = []
+            for path in chosen["path"]:
+                try:
+                    pixels = imaging.decode_fixed(path, aug.load_size)
+                except (OSError, ValueError) as e:
+                    raise UserError(f"--cam {part}: {path} cannot be read ({utils.reason(e)}); run runs.py from the "
+                                    "folder the run was trained in, or where its data is") from None  # fmt: skip
+                inputs.append(aug.eval_transform(Image.fromarray(pixels)))
+            images = torch.stack(inputs)
+            maps = explainer.explain(images, chosen["pred"].tolist(), chosen["truth"].tolist())
+            titles = [f"truth {name}\n{'right' if p == k else 'wrong'}: {class_names[p]} (p {q:.2f})"
+                      for p, q in zip(chosen["pred"], chosen[f"prob_{name}"], strict=True)]  # fmt: skip
+            colors = ["green" if p == k else "red" for p in chosen["pred"]]
+            grid = cam.pairs_grid(report.denormalize(images, config["mean"], config["std"]), maps, titles, colors)
+            path = out / f"class{k:02d}.png"
+            utils.atomic_write(path, lambda f, grid=grid: Image.fromarray(grid).save(f, format="png"), binary=True)
+            written.append(path)
+        print(f"Grad-CAM of {part} (layer {explainer.layer.name}): {len(written) - before} figure(s) in {out}")
+    return written
+
+
 def main(args: Namespace) -> pd.DataFrame:
     if args.suspects is not None:
         if not 0 < args.min_share <= 1:
             raise UserError(f"--min_share {args.min_share} must be above 0 and at most 1 (e.g. 0.8)")
-        return report_suspects(Path(args.suspects), args.min_share)
+        return report_suspects(Path(args.suspects), args.min_share, args.method)
+    if args.cam is not None:
+        if args.images < 1:
+            raise UserError(f"--images {args.images} must be at least 1 (images per class, right and wrong each)")
+        return pd.DataFrame({"figure": [str(p) for p in cam_figures(Path(args.cam), args.images, args.device)]})
     root = Path(args.model_dir)
     table = run_table(root)
     kfold = " (k-fold: the mean over its folds; oof_f1: over every image)" if "oof_f1" in table else ""

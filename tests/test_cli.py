@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import inference
+import rundir
 import train
 from conftest import run_script
 from utils import UserError
@@ -44,7 +45,6 @@ def test_resize_is_height_then_width(demo_root, tmp_path):
     import augmentation
     import dataset
     import evaldata
-    import inference
     import subset as subset_module
 
     args = train.get_parser().parse_args(["--resize", "40", "24"])
@@ -54,7 +54,7 @@ def test_resize_is_height_then_width(demo_root, tmp_path):
     image = subset_module.ImageSubset(data, [0], aug.train_transform, aug.load_size)[0][0]
     assert image.shape == (3, 40, 24)  # portrait photos stay portrait: height first
     config = {"augmentation": "FaceAugmentation", "resize": [40, 24], "mean": [0.5] * 3, "std": [0.2] * 3}
-    eval_aug = inference.build_augmentation(config)
+    eval_aug = rundir.build_augmentation(config)
     transform, batch = augmentation.split_for_device(eval_aug.eval_transform)
     x = evaldata.TestDataset(demo_root / "eval", transform, eval_aug.load_size)[0][0]
     assert (batch(x[None]) if batch is not None else x[None]).shape == (1, 3, 40, 24)

@@ -133,7 +133,7 @@ def test_runs_with_other_class_names_are_refused(runs, tmp_path):
 def loaded(runs, demo_root):
     """Run a's model and a loader over the demo eval images through its eval transform."""
     net, config = rundir.load_model(runs["a"] / "best.pth")
-    aug = inference.build_augmentation(config)
+    aug = rundir.build_augmentation(config)
     test_set = evaldata.TestDataset(demo_root / "eval", aug.eval_transform, aug.load_size)
     return net, DataLoader(test_set, batch_size=5)
 

@@ -87,6 +87,7 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
         "/data/labels.csv": write_label_csv(tmp_path / "pets", tmp_path / "labels.csv"),
         "../shared/data/maskdev/train/images": demo_root / "train/images",
         "label_fixes.csv": write_label_fixes(demo_root, tmp_path / "label_fixes.csv"),
+        "flips.csv": write_label_fixes(demo_root, tmp_path / "flips.csv"),
         "recipe.yaml": write_recipe(tmp_path / "recipe.yaml"),
         "nets/mynet.py:TinyNet": f"{write_user_model(tmp_path / 'nets/mynet.py')}:TinyNet",
     }
@@ -120,9 +121,10 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
     elif args[0] == "runs.py" and args[1:2] == ["model/sw"]:  # a sweep's trials
         for k in range(2):
             copy_run(tiny_runs("plain"), tmp_path, f"sw/trial{k}")
-    elif args[0] == "runs.py":  # runs to list, or a k-fold run to read suspects from
-        name = Path(args[args.index("--suspects") + 1]).name if "--suspects" in args else "exp"
-        copy_run(tiny_runs("kfold" if "--suspects" in args else "plain"), tmp_path, name)
+    elif args[0] == "runs.py":  # runs to list, a k-fold run to read suspects from, or a run to draw maps of
+        flag = next((f for f in ("--suspects", "--cam") if f in args), None)
+        name = Path(args[args.index(flag) + 1]).name if flag else "exp"
+        copy_run(tiny_runs("kfold" if flag == "--suspects" or name == "kfold" else "plain"), tmp_path, name)
     else:  # inference of runs named in the examples: one-epoch runs of that kind, trained once per module
         start = args.index("--model_dir") + 1
         entries = [Path(a) for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])]

@@ -135,10 +135,11 @@ def write_predictions(path, class_names=None):
     return path
 
 
+@pytest.mark.parametrize("method", runs.METHODS)
 @pytest.mark.parametrize("file", ["oof.csv", "val_predictions.csv"])
-def test_suspects_rank_persons_whose_gender_label_the_models_contradict(tmp_path, capsys, file):
+def test_suspects_rank_persons_whose_gender_label_the_models_contradict(tmp_path, capsys, file, method):
     write_predictions(tmp_path / file)
-    runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path)]))
+    runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--method", method]))
     suspects = pd.read_csv(tmp_path / "label_suspects.csv", dtype={"group": str})
     assert list(suspects.columns) == runs.SUSPECT_COLUMNS
     assert suspects["group"].tolist() == ["000003", "000008"]  # most confident contradiction first
@@ -156,11 +157,13 @@ def test_suspects_rank_persons_whose_gender_label_the_models_contradict(tmp_path
     assert "candidates for a human to look at, never applied" in out and "000003" in out
 
 
-def test_a_person_with_few_disagreeing_photos_is_a_candidate_only_below_min_share(tmp_path):
+@pytest.mark.parametrize("method", runs.METHODS)
+def test_a_person_with_few_disagreeing_photos_is_a_candidate_only_below_min_share(tmp_path, method):
     write_predictions(tmp_path / "oof.csv")
-    default = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path)]))
+    default = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--method", method]))
     assert PARTLY not in set(default["group"])
-    lenient = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--min_share", "0.4"]))
+    lenient = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--min_share", "0.4",
+                                                      "--method", method]))  # fmt: skip
     row = lenient.set_index("group").loc[PARTLY]
     assert row["field"] == "gender" and row["share_disagree"] == pytest.approx(3 / 7)
     assert lenient["group"].tolist()[:2] == ["000003", "000008"]
@@ -170,7 +173,7 @@ def test_age_bands_come_from_the_runs_config(tmp_path):
     names = labels.mask_class_names((30, 58))
     assert runs.mask_fields(names, (30, 58))["age"] == ["<30", "30-57", ">=58"]
     write_predictions(tmp_path / "oof.csv", names)
-    args = runs.get_parser().parse_args(["--suspects", str(tmp_path)])
+    args = runs.get_parser().parse_args(["--suspects", str(tmp_path)])  # either method
     with pytest.raises(utils.UserError, match="needs mask-competition predictions .* --age_bounds 30 60"):
         runs.main(args)  # without a config.json the default bounds apply, and they name other classes
     (tmp_path / "fold0").mkdir()  # a k-fold run: oof.csv beside the folds, each with its config.json
@@ -180,10 +183,10 @@ def test_age_bands_come_from_the_runs_config(tmp_path):
     assert len(runs.main(args)) == 2
 
 
-def test_suspects_refuse_data_that_is_not_the_mask_competition(tmp_path):
+def test_disagreement_refuses_data_that_is_not_the_mask_competition(tmp_path):
     rows = {"path": ["a.png", "b.png"], "group": ["g1", "g2"], "truth": [0, 1], "pred": [0, 1]}
     pd.DataFrame({**rows, "prob_cat": [0.9, 0.2], "prob_dog": [0.1, 0.8]}).to_csv(tmp_path / "oof.csv", index=False)
-    done = run_script("runs.py", "--suspects", str(tmp_path), cwd=tmp_path)
+    done = run_script("runs.py", "--suspects", str(tmp_path), "--method", "disagreement", cwd=tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --suspects needs mask-competition predictions")
@@ -216,12 +219,45 @@ def test_persons_with_flipped_gender_labels_top_the_suspects_after_a_short_k_fol
         "--n_splits", "3", "--epochs", "4", "--resize", "32", "24", "--num_workers", "0", cwd=tmp_path,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
-    found = run_script("runs.py", "--suspects", "model/exp", cwd=tmp_path)
-    assert found.returncode == 0, found.stderr
-    suspects = pd.read_csv(tmp_path / "model/exp/label_suspects.csv", dtype={"group": str})
-    top = suspects.head(2)
-    assert sorted(top["group"]) == ["000004", "000011"] and (top["field"] == "gender").all()
-    # The template proposes undoing the flips: the original genders.
-    template = pd.read_csv(tmp_path / "model/exp/label_fixes_template.csv", comment="#", dtype={"id": str})
-    proposed = dict(zip(template["id"], template["value"], strict=False))
-    assert proposed["000004"] == "male" and proposed["000011"] == "female"
+    for method in runs.METHODS:
+        found = run_script("runs.py", "--suspects", "model/exp", "--method", method, cwd=tmp_path)
+        assert found.returncode == 0, found.stderr
+        suspects = pd.read_csv(tmp_path / "model/exp/label_suspects.csv", dtype={"group": str})
+        top = suspects.head(2)
+        assert sorted(top["group"]) == ["000004", "000011"] and (top["field"] == "gender").all(), method
+        # The template proposes undoing the flips: the original genders.
+        template = pd.read_csv(tmp_path / "model/exp/label_fixes_template.csv", comment="#", dtype={"id": str})
+        proposed = dict(zip(template["id"], template["value"], strict=False))
+        assert proposed["000004"] == "male" and proposed["000011"] == "female"
+
+
+def test_cleanlab_reports_its_estimate_of_wrong_labels_per_field_and_value(tmp_path, capsys):
+    write_predictions(tmp_path / "oof.csv")
+    suspects = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--method", "cleanlab"]))
+    estimates = pd.read_csv(tmp_path / "label_issue_estimates.csv").set_index(["field", "label"])
+    # Two persons' genders are wrong (7 photos each: one labelled female, one male), and PARTLY's 3 photos.
+    assert estimates.loc[("gender", "female"), "estimated_wrong"] == 7 + 3 * (int(PARTLY) % 2)
+    assert estimates.loc[("gender", "male"), "estimated_wrong"] == 7 + 3 * (1 - int(PARTLY) % 2)
+    assert estimates.loc[("gender", "female"), "photos"] + estimates.loc[("gender", "male"), "photos"] == 84
+    assert (estimates.xs("age", level="field")["estimated_wrong"] == 0).all()
+    assert set(estimates.index.get_level_values("field")) == {"gender", "age", "mask"}
+    assert suspects.attrs["estimates"]["estimated_wrong"].sum() == 17
+    out = capsys.readouterr().out
+    assert "cleanlab estimates these labels are wrong" in out and "gender: " in out
+
+
+def test_cleanlab_checks_the_class_of_any_data_by_image(tmp_path):
+    """Folder data (two classes, groups of two images): the one image whose label the models contradict is the
+    suspect, and its template row fixes that image's label by path."""
+    rng = np.random.default_rng(0)
+    truth = np.arange(40) % 2
+    p_dog = np.where(truth == 1, rng.uniform(0.75, 0.95, 40), rng.uniform(0.05, 0.25, 40))
+    p_dog[6] = 0.97  # labelled cat (6 is even), looks like a dog
+    table = pd.DataFrame({"path": [f"data/{'cat dog'.split()[t]}/g{i // 2:02d}_{i}.png" for i, t in enumerate(truth)],
+                          "group": [f"g{i // 2:02d}" for i in range(40)], "truth": truth,
+                          "pred": (p_dog > 0.5).astype(int), "prob_cat": 1 - p_dog, "prob_dog": p_dog})  # fmt: skip
+    table.to_csv(tmp_path / "oof.csv", index=False)
+    suspects = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--method", "cleanlab"]))
+    assert suspects[["group", "field", "label", "predicted"]].values.tolist()[0] == ["g03", "label", "cat", "dog"]
+    template = pd.read_csv(tmp_path / "label_fixes_template.csv", comment="#")
+    assert template[["id", "field", "value"]].values.tolist()[0] == ["data/cat/g03_6.png", "label", "dog"]
