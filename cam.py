@@ -46,14 +46,6 @@ class CamLayer:
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def bare(model: nn.Module) -> nn.Module:
-    """The model inside parallel, compile and weight-average (EMA/SWA AveragedModel) wrappers."""
-    model = utils.unwrap_model(model)
-    while isinstance(model, torch.optim.swa_utils.AveragedModel):
-        model = utils.unwrap_model(model.module)
-    return model
-
-
 def output_shapes(model: nn.Module, size: Sequence[int]) -> dict[str, tuple[int, ...]]:
     """{module name: output shape} of one eval-mode forward pass of a (1, 3, H, W) input, in the order the modules
     finish (a container after its children). Only tensor outputs are recorded."""
@@ -93,7 +85,7 @@ def token_grid(tokens: int, size: Sequence[int], reduction: int | None, prefix: 
 
 def find_layer(model: nn.Module, size: Sequence[int]) -> CamLayer:
     """The layer Grad-CAM reads for `model` at input size `size` (H, W); `NoCamLayer` saying why when none fits."""
-    model = bare(model)
+    model = utils.unwrap_model(model)
     search, prefix = (model.backbone, "backbone.") if isinstance(getattr(model, "backbone", None), nn.Module) else (
         model, "")  # fmt: skip
     shapes = output_shapes(model, size)
@@ -151,7 +143,7 @@ class Explainer:
     gradients and its mode are untouched."""
 
     def __init__(self, model: nn.Module, size: Sequence[int], class_names: Sequence[str]) -> None:
-        model = copy.deepcopy(bare(model)).float().eval()
+        model = copy.deepcopy(utils.unwrap_model(model)).float().eval()
         for p in model.parameters():
             p.requires_grad_(True)
         self.layer = find_layer(model, size)

@@ -145,8 +145,6 @@ def add_runtime_flags(g: argparse._ArgumentGroup) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Runs and ensembles.
-# ---------------------------------------------------------------------------------------------------
 # Eval data in any layout (read by evaldata.find_eval_images).
 def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
     """The given eval data, else the competition default, else `eval/` beside the run's `train/images`."""
