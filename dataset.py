@@ -187,6 +187,8 @@ class MaskBaseDataset(Dataset):
         age_bounds: Sequence[int] = labels.DEFAULT_AGE_BOUNDS,
         split: str = "auto",
         label_fixes: str | os.PathLike | None = None,
+        train_age_bounds: Sequence[int] | None = None,
+        age_sigma: float = 0.0,
     ) -> None:
         splits.check_split_args(split)
         self.data_dir = Path(data_dir)
@@ -194,6 +196,9 @@ class MaskBaseDataset(Dataset):
         self.seed = seed
         self.split = split
         self.age_bounds = tuple(age_bounds)
+        # What training learns the age band from (validation, splits and metrics keep `age_bounds`).
+        self.train_age_bounds = tuple(train_age_bounds or age_bounds)
+        self.age_sigma = float(age_sigma)
         self.label_fixes = label_fixes or None
         self.class_names = labels.mask_class_names(self.age_bounds)
         # Per-instance lists: two datasets never share state.
@@ -243,6 +248,18 @@ class MaskBaseDataset(Dataset):
         """The 18-class label of every image."""
         bands = [labels.age_band(a, self.age_bounds) for a in self.ages]
         return labels.encode(np.asarray(self.mask_labels), np.asarray(self.gender_labels), np.asarray(bands))
+
+    def training_targets(self) -> np.ndarray:
+        """What training learns for every image: the 18-class label with the age band cut at `train_age_bounds`
+        (the competition's trick: the old band from 58, for training only), or with `age_sigma` (N, 18) class
+        probabilities whose age part is `labels.band_probabilities` of the age in years."""
+        bands = labels.band_probabilities(self.ages, self.train_age_bounds, self.age_sigma)
+        mask, gender = np.asarray(self.mask_labels), np.asarray(self.gender_labels)
+        if self.age_sigma <= 0:
+            return labels.encode(mask, gender, bands.argmax(1))
+        joint = np.zeros((len(self), *labels.TASKS.values()), dtype=np.float32)
+        joint[np.arange(len(self)), mask, gender] = bands
+        return joint.reshape(len(self), -1)
 
     def label_text(self, label: int) -> str:
         return self.class_names[int(label)]
@@ -380,6 +397,10 @@ class ImageFolderDataset(Dataset):
                 f"{utils.listing(unmatched, 10)}; fix the pattern (its first (...) group is the group id)"
             )
         return [m.group(1) if pattern.groups else m.group(0) for m in matches]
+
+    def training_targets(self) -> np.ndarray:
+        """What training learns for every image: its label."""
+        return self.labels
 
     def fix_labels(self, path: str | os.PathLike) -> dict[str, Any]:
         """Apply a label-fix file (see labels.py): field `label`, a class name, by image path or group id."""

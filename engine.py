@@ -203,8 +203,8 @@ def build_split(
     if config.get("gpu_aug"):  # the loader only hands over uint8 pixels; augmentation runs batch-wise on the device
         train_transform = augmentation.to_uint8_tensor
         batch_transform = augmentation.BatchAugment(config["resize"], config["mean"], config["std"], aug.crop_fraction)
-    soft = getattr(data, "soft_labels", None)  # --pseudo_soft: probabilities as targets (pseudo.WithPseudoLabels)
-    train_set = subset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache, soft)
+    targets = data.training_targets()  # labels, or probabilities (--pseudo_soft, --age_sigma); validation's are labels
+    train_set = subset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache, targets)
     val_set = subset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
     class_counts = np.bincount(train_set.targets, minlength=data.num_classes)
     # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
@@ -338,7 +338,7 @@ class Trainer:
 
         logits = self.teachers.cache_logits(plain, loader_of, self.device, self.split.eval_batch_transform)
         cached = subset_module.ImageSubset(
-            train.dataset, train.indices, train.transform, train.size, train.cache, train.soft, logits
+            train.dataset, train.indices, train.transform, train.size, train.cache, train.given_targets, logits
         )
         print(f"Teachers' logits of {len(cached)} training images cached in {time.time() - start:.1f}s (--kd_cache)")
         loader = make_loader(cached, settings.batch_size, settings, self.device, self.split.sampler)

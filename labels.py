@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import utils
 from utils import UserError
 
@@ -36,6 +38,22 @@ TASKS = {"mask": len(MASK_NAMES), "gender": len(GENDER_NAMES), "age": 3}
 def age_band(age: int, bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> int:
     """0 below bounds[0], 1 from bounds[0] to bounds[1] - 1, 2 from bounds[1] on."""
     return int(age >= bounds[0]) + int(age >= bounds[1])
+
+
+def band_probabilities(ages: Sequence[int], bounds: Sequence[int] = DEFAULT_AGE_BOUNDS, sigma: float = 0.0) -> Any:
+    """(N, 3) float32 probabilities of the age bands for ages in whole years: one-hot at `sigma` 0, else the chance
+    that an age drawn from a normal distribution around the middle of the person's year (age + 0.5, spread `sigma`
+    years) falls in each band. A band's own share stays above one half, and shrinks only near its edges: at bounds
+    (30, 60) and sigma 2, a 59-year-old is 0.60 30-59 and 0.40 >=60, a 45-year-old 30-59 alone."""
+    from scipy.special import ndtr  # the normal CDF
+
+    ages = np.asarray(ages, dtype=np.float64)
+    if sigma <= 0:
+        bands = np.asarray([age_band(int(a), bounds) for a in ages], dtype=np.int64)
+        return np.eye(3, dtype=np.float32)[bands].reshape(len(ages), 3)
+    below = ndtr((np.asarray(bounds, dtype=np.float64)[None, :] - (ages[:, None] + 0.5)) / sigma)  # P(age < bound)
+    cumulative = np.concatenate([np.zeros((len(ages), 1)), below, np.ones((len(ages), 1))], axis=1)
+    return np.diff(cumulative, axis=1).astype(np.float32)
 
 
 def age_names(bounds: Sequence[int] = DEFAULT_AGE_BOUNDS) -> tuple[str, str, str]:

@@ -103,6 +103,41 @@ def task_sizes(model: nn.Module) -> tuple[int, ...] | None:
     return tuple(tasks) if tasks is not None else None
 
 
+class OrdinalHead(nn.Module):
+    """A head for ordered classes (age bands): a cumulative-logit model (proportional odds, McCullagh 1980).
+
+    One score s per image and ordered cut-points c_1 < ... < c_{K-1} (the first free, the gaps softplus'd) give
+    P(class >= k) = sigmoid(s - c_k), so P(class = k) = P(>= k) - P(>= k+1) falls off with the distance in bands:
+    the head cannot call a face both young and old but not middle-aged. Its output is the K class log-probabilities,
+    which are logits whose softmax is those probabilities, so every criterion, `split_tasks` and `combine_tasks`
+    take it as they take a linear head's.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        """`out_features` ordered classes (at least 2) from `in_features` features, as nn.Linear's arguments."""
+        super().__init__()
+        self.score = nn.Linear(in_features, 1)
+        # Cut-points where a score of 0 gives every class the same probability: P(>= k) = (K - k) / K.
+        cuts = -torch.logit(torch.arange(out_features - 1, 0, -1, dtype=torch.float32) / out_features)
+        self.first = nn.Parameter(cuts[:1].clone())
+        self.gaps = nn.Parameter(torch.log(torch.expm1(cuts.diff())))  # softplus(gaps) = the gaps
+
+    def cutpoints(self) -> torch.Tensor:
+        return torch.cat([self.first, self.first + torch.cumsum(F.softplus(self.gaps), 0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.score(x).float() - self.cutpoints().float()  # (N, K-1): logit of P(class >= k), float32 under AMP
+        upper = F.logsigmoid(z)  # log P(>= k), k = 1..K-1
+        lower = F.logsigmoid(-z)  # log P(< k)
+        # log P(= k) for 0 < k < K-1: log(P(>= k) - P(>= k+1)), computed as log P(>= k) + log(1 - e^(diff)).
+        middle = upper[:, :-1] + torch.log((-torch.expm1(upper[:, 1:] - upper[:, :-1])).clamp_min(1e-12))
+        return torch.cat([lower[:, :1], middle, upper[:, -1:]], dim=1)
+
+
+AGE_HEADS = {"linear": nn.Linear, "ordinal": OrdinalHead}  # --age_head: the layer of the task named "age"
+DEFAULT_AGE_HEAD = "linear"  # what train.py gives a new multi-head run (a run's config always names its own)
+
+
 class MultiHeadModel(nn.Module):
     """One backbone (BaseModel or any timm architecture, --backbone) with mask, gender and age heads."""
 
@@ -113,8 +148,10 @@ class MultiHeadModel(nn.Module):
         backbone: str = "BaseModel",
         pretrained: bool = False,
         dropout: float | None = None,
+        age_head: str = "linear",
     ) -> None:
-        """`tasks`: each head's name and class count, in class order (labels.model_kwargs gives the mask tasks)."""
+        """`tasks`: each head's name and class count, in class order (labels.model_kwargs gives the mask tasks);
+        `age_head`: the layer of the task named "age", one of AGE_HEADS (ordinal: `OrdinalHead`)."""
         super().__init__()
         self.task_names = tuple(tasks)
         self.tasks = tuple(tasks.values())
@@ -149,7 +186,12 @@ class MultiHeadModel(nn.Module):
             net = _create_timm(backbone, pretrained, num_classes=0, drop_rate=dropout, flag="--backbone")
             width = getattr(net, "head_hidden_size", None) or net.num_features
         self.backbone = net
-        self.heads = nn.ModuleDict({name: nn.Linear(width, size) for name, size in tasks.items()})
+        if age_head not in AGE_HEADS:
+            raise UserError(utils.unknown_name_message("--age_head", age_head, AGE_HEADS))
+        self.age_head = age_head
+        self.heads = nn.ModuleDict(
+            {name: AGE_HEADS[age_head if name == "age" else "linear"](width, size) for name, size in tasks.items()}
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, sum(tasks)) raw logits, one block per task (mask 3 | gender 2 | age 3; see `split_tasks`)."""
@@ -163,8 +205,12 @@ class MultiHeadModel(nn.Module):
 
 
 def model_classes() -> dict[str, type]:
-    """The model classes defined in this file, by name."""
-    return utils.module_classes(sys.modules[__name__], lambda c: issubclass(c, nn.Module))
+    """The model classes defined in this file, by name: the modules built from `num_classes` (not layers such as
+    `OrdinalHead`)."""
+    return utils.module_classes(
+        sys.modules[__name__],
+        lambda c: issubclass(c, nn.Module) and "num_classes" in inspect.signature(c).parameters,
+    )
 
 
 def is_file_spec(name: str) -> bool:
@@ -219,17 +265,21 @@ def check_backbone_name(name: str) -> None:
     check_model_name(name, flag="--backbone", local=("BaseModel",))
 
 
-def check_backbone_use(name: str, backbone: str | None) -> None:
-    """A `UserError` when --backbone is given to a model that has no backbone to choose (a single head)."""
-    if backbone is None:
-        return
-    classes = model_classes()
-    cls = classes.get(name) or (class_from_file(name) if is_file_spec(name) else None)
-    if cls is None or "backbone" not in inspect.signature(cls).parameters:
-        raise UserError(
-            f"--backbone {backbone} is for multi-head models; --model {name} is a single-head model with its own "
-            f"layers: drop --backbone, or use --model MultiHeadModel --backbone {backbone}"
-        )
+def takes_argument(name: str, argument: str) -> bool:
+    """Whether model `name` (a class here or in a user's file; a timm architecture takes none) takes `argument`."""
+    cls = model_classes().get(name) or (class_from_file(name) if is_file_spec(name) else None)
+    return cls is not None and argument in inspect.signature(cls).parameters
+
+
+def check_multi_head_use(name: str, **given: Any) -> None:
+    """A `UserError` when a multi-head flag (MULTI_HEAD_FLAGS: --backbone, --age_head) is given to a model that
+    has no such choice (a single head)."""
+    for flag, value in given.items():
+        if value is not None and not takes_argument(name, flag):
+            raise UserError(
+                f"--{flag} {value} is for multi-head models; --model {name} is a single-head model with its own "
+                f"layers: drop --{flag}, or use --model MultiHeadModel --{flag} {value}"
+            )
 
 
 def _create_timm(name: str, pretrained: bool, flag: str = "--model", **kwargs: Any) -> nn.Module:
@@ -246,6 +296,9 @@ def _create_timm(name: str, pretrained: bool, flag: str = "--model", **kwargs: A
             f"could not get pretrained weights for {flag} {name} ({utils.reason(e)}); without a network, download "
             "them elsewhere and pass --pretrained_path FILE"
         ) from None
+
+
+MULTI_HEAD_FLAGS = ("backbone", "age_head")  # build_model's kwargs that only a multi-head model takes
 
 
 def build_model(
@@ -270,8 +323,9 @@ def build_model(
     if name in classes or is_file_spec(name):
         cls = classes[name] if name in classes else class_from_file(name)
         takes = inspect.signature(cls).parameters
-        if "backbone" in kwargs and "backbone" not in takes:
-            raise UserError(f"--backbone is for multi-head models; --model {name} has its own: drop --backbone")
+        for flag in MULTI_HEAD_FLAGS:
+            if flag in kwargs and flag not in takes:
+                raise UserError(f"--{flag} is for multi-head models; --model {name} has its own: drop --{flag}")
         if pretrained and "pretrained" not in takes:
             raise UserError(
                 f"--model {name} has no published weights: drop --pretrained or pass --pretrained_path FILE"
@@ -282,11 +336,12 @@ def build_model(
             kwargs["tasks"] = tasks
         model = cls(num_classes=num_classes, **utils.filter_kwargs(cls, kwargs))
     else:
-        if "backbone" in kwargs:
-            raise UserError(
-                f"--backbone is for multi-head models; --model {name} is a timm architecture: drop --backbone, "
-                f"or use --model MultiHeadModel --backbone {name}"
-            )
+        for flag in MULTI_HEAD_FLAGS:
+            if flag in kwargs:
+                raise UserError(
+                    f"--{flag} is for multi-head models; --model {name} is a timm architecture: drop --{flag}, "
+                    f"or use --model MultiHeadModel --backbone {name}"
+                )
         model = _create_timm(name, pretrained, num_classes=num_classes, **kwargs)
     if pretrained_path:
         load_pretrained(model, pretrained_path)

@@ -99,6 +99,23 @@ def add_data_flags(data: argparse._ArgumentGroup) -> None:
         metavar=("YOUNG", "OLD"),
         help="age band edges in years: < YOUNG, YOUNG..OLD-1, >= OLD",
     )
+    data.add_argument(
+        "--train_age_bounds",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("YOUNG", "OLD"),
+        help="mask datasets: the age band edges training learns (e.g. 30 58: persons of 58 and 59 learnt as old); "
+        "validation, the metric and the predictions keep --age_bounds (default: --age_bounds)",
+    )
+    data.add_argument(
+        "--age_sigma",
+        type=float,
+        default=0.0,
+        metavar="YEARS",
+        help="mask datasets: learn the age band as probabilities from the age in years, blurred by a normal "
+        "distribution of this spread (near a band edge, part of the other band); 0: the band alone",
+    )
 
 
 def add_loader_flags(data: argparse._ArgumentGroup) -> None:
@@ -185,6 +202,13 @@ def add_model_flags(net: argparse._ArgumentGroup) -> None:
         default=None,
         help="for --model MultiHeadModel: BaseModel, any timm architecture, or path/to/file.py:ClassName (built with "
         "num_classes=0, returning num_features pooled features) under the mask/gender/age heads",
+    )
+    net.add_argument(
+        "--age_head",
+        choices=tuple(model_module.AGE_HEADS),
+        default=None,
+        help="for --model MultiHeadModel: the age band's layer, linear (a softmax) or ordinal (one score against "
+        f"ordered cut-points, model.OrdinalHead) (default: {model_module.DEFAULT_AGE_HEAD})",
     )
 
 
@@ -387,6 +411,8 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric
     "n_splits": at_least(2),
     "val_ratio": ("between 0 and 1 (e.g. 0.2)", lambda v: 0 < v < 1),
     "age_bounds": at_least(1),
+    "train_age_bounds": at_least(1),
+    "age_sigma": ("0 (off) or more years", lambda v: v >= 0),
     "prefetch_factor": at_least(1),
     "resize": ("at least 8 pixels", lambda v: v >= 8),
     "num_workers": ("0 or more", lambda v: v >= 0),
@@ -430,6 +456,20 @@ def check_ranges(args: Namespace) -> None:
             raise UserError(f"--{flag} {shown} must be {rule}" + (" (each)" if len(values) > 1 else ""))
 
 
+def check_soft_targets(args: Namespace) -> None:
+    """Flags that train on class probabilities need a criterion that learns from them, and are not mixed."""
+    soft = [f for f, on in (("--pseudo_soft", args.pseudo_soft), ("--age_sigma", args.age_sigma)) if on]
+    for wanted, flags in ((args.mixup or args.cutmix, "--mixup/--cutmix"), (soft, " and ".join(soft))):
+        if wanted and not loss_module.accepts_soft_targets(args.criterion):
+            raise UserError(
+                f"--criterion {args.criterion} cannot learn from the soft targets of {flags}: use "
+                f"{', '.join(n for n in loss_module.criterion_names() if loss_module.accepts_soft_targets(n))}"
+            )
+    if soft and (args.mixup or args.cutmix):
+        off = "hard pseudo-labels (no --pseudo_soft)" if soft[0] == "--pseudo_soft" else "--age_sigma 0"
+        raise UserError(f"{soft[0]} cannot be mixed by --mixup/--cutmix (they mix class labels): use {off} with them")
+
+
 def check_args(args: Namespace) -> None:
     """Reject impossible flags and unknown names before any data is read."""
     check_ranges(args)
@@ -442,12 +482,7 @@ def check_args(args: Namespace) -> None:
         raise UserError(f"--swa_lr {args.swa_lr:g} needs --swa_start EPOCH (SWA is off)")
     if args.warmup_epochs > args.epochs:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
-    for wanted, flags in ((args.mixup or args.cutmix, "--mixup/--cutmix"), (args.pseudo_soft, "--pseudo_soft")):
-        if wanted and not loss_module.accepts_soft_targets(args.criterion):
-            raise UserError(
-                f"--criterion {args.criterion} cannot learn from the soft targets of {flags}: use "
-                f"{', '.join(n for n in loss_module.criterion_names() if loss_module.accepts_soft_targets(n))}"
-            )
+    check_soft_targets(args)
     if args.kd_cache and not args.teacher:
         raise UserError("--kd_cache needs --teacher RUN [RUN ...]")
     if args.kd_cache and (args.mixup or args.cutmix):
@@ -455,9 +490,6 @@ def check_args(args: Namespace) -> None:
                         "match: drop --kd_cache (the teachers then see each mixed batch)")  # fmt: skip
     if args.pseudo_soft and not args.pseudo_labels:
         raise UserError("--pseudo_soft needs --pseudo_labels PROBS_CSV")
-    if args.pseudo_soft and (args.mixup or args.cutmix):
-        raise UserError("--pseudo_soft cannot be mixed by --mixup/--cutmix (they mix class labels): use hard "
-                        "pseudo-labels (no --pseudo_soft) with them")  # fmt: skip
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
     if args.fold is not None and args.fold != "all":
@@ -465,8 +497,10 @@ def check_args(args: Namespace) -> None:
             raise UserError(f"--fold {args.fold} must be a fold number (0..{args.n_splits - 1}) or all")
     fold = None if args.fold in (None, "all") else int(args.fold)
     splits.check_split_args(args.split, fold, args.n_splits)
-    if not args.age_bounds[0] < args.age_bounds[1]:
-        raise UserError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: the first must be below the second")
+    for flag in ("age_bounds", "train_age_bounds"):
+        bounds = getattr(args, flag)
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise UserError(f"--{flag} {bounds[0]} {bounds[1]}: the first must be below the second")
     for flag, classes in (
         ("--dataset", dataset_classes()),
         ("--augmentation", augmentation_module.augmentation_classes()),

@@ -123,13 +123,15 @@ class WithPseudoLabels:
     def labels(self) -> np.ndarray:
         return np.concatenate([np.asarray(self.base.labels), self.pseudo_probs.argmax(1)]).astype(np.int64)
 
-    @property
-    def soft_labels(self) -> np.ndarray | None:
-        """--pseudo_soft: every image's target as probabilities (one-hot for the data's own), else None."""
-        if not self.soft:
-            return None
-        own = np.eye(self.base.num_classes, dtype=np.float32)[np.asarray(self.base.labels)]
-        return np.concatenate([own, self.pseudo_probs.astype(np.float32)])
+    def training_targets(self) -> np.ndarray:
+        """What training learns: the data's own targets, then the pseudo images' top class, or with --pseudo_soft
+        (or probabilities from the data, --age_sigma) every image's probabilities (one-hot for a class index)."""
+        own, pseudo_probs = np.asarray(self.base.training_targets()), self.pseudo_probs.astype(np.float32)
+        if not self.soft and own.ndim == 1:
+            return np.concatenate([own, pseudo_probs.argmax(1)]).astype(np.int64)
+        eye = np.eye(self.base.num_classes, dtype=np.float32)
+        own = own.astype(np.float32) if own.ndim == 2 else eye[own]
+        return np.concatenate([own, pseudo_probs if self.soft else eye[pseudo_probs.argmax(1)]])
 
     def pseudo_indices(self) -> np.ndarray:
         return np.arange(len(self.base), len(self))

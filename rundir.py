@@ -192,7 +192,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def build_model(config: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
     """The model a run's config describes (weights freshly initialised), e.g. for training or to load into."""
     return model_module.build_model(
-        config["model"], config["num_classes"], backbone=config.get("backbone"), **labels.model_kwargs(), **kwargs
+        config["model"],
+        config["num_classes"],
+        backbone=config.get("backbone"),
+        age_head=config.get("age_head"),  # None (runs before --age_head): the model's own default, linear
+        **labels.model_kwargs(),
+        **kwargs,
     )
 
 

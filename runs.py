@@ -78,11 +78,21 @@ def get_parser() -> argparse.ArgumentParser:
         default=0.8,
         help="a person is a candidate when at least this share (0..1] of their photos contradict the label",
     )
-    suspects.add_argument("--method", choices=METHODS, default=METHODS[0], help="how a photo is found to contradict "
-                          "its label: cleanlab's confident learning, or the most probable value being another one")
+    suspects.add_argument(
+        "--method",
+        choices=METHODS,
+        default=METHODS[0],
+        help="how a photo is found to contradict "
+        "its label: cleanlab's confident learning, or the most probable value being another one",
+    )
     maps = p.add_argument_group("class activation maps")
-    maps.add_argument("--cam", default=None, metavar="RUN_DIR", help="instead of the table: RUN_DIR/cam/ gets a "
-                      "figure per class of validation images the run gets right and wrong, beside their Grad-CAM maps")
+    maps.add_argument(
+        "--cam",
+        default=None,
+        metavar="RUN_DIR",
+        help="instead of the table: RUN_DIR/cam/ gets a "
+        "figure per class of validation images the run gets right and wrong, beside their Grad-CAM maps",
+    )
     maps.add_argument("--images", type=int, default=4, help="--cam: images per class, right and wrong each")
     maps.add_argument("--device", default="auto", help="--cam: where the maps are computed (auto, cpu, cuda, cuda:1)")
     return p

@@ -29,7 +29,7 @@ class ImageSubset(Dataset):
         transform: Callable,
         size: Sequence[int],
         cache: Any = None,
-        soft_targets: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
         extras: torch.Tensor | None = None,
     ) -> None:
         self.dataset = dataset
@@ -38,9 +38,12 @@ class ImageSubset(Dataset):
         self.size = tuple(size)  # (H, W) images are decoded at, before the transform
         self.cache = cache  # cache.RamCache / DiskCache over the dataset's images, or None
         assert cache is None or cache[0].shape[:2] == self.size, "the cache holds images of the size decoded here"
-        self.targets = np.asarray(dataset.labels)[self.indices]
-        # Per image, the probabilities to learn (--pseudo_soft), handed over in place of the class index.
-        self.soft = None if soft_targets is None else torch.from_numpy(np.asarray(soft_targets)[self.indices])
+        # What each image teaches, per image of the dataset (default: its labels): a class index, or (N, K) the
+        # probabilities to learn (--pseudo_soft, --age_sigma), handed over in place of the class index.
+        self.given_targets = targets
+        chosen = np.asarray(dataset.labels if targets is None else targets)[self.indices]
+        self.soft = torch.from_numpy(chosen.astype(np.float32)) if chosen.ndim == 2 else None
+        self.targets = chosen.argmax(1) if chosen.ndim == 2 else chosen.astype(np.int64)  # class counts, sampling
         self.extras = extras  # per image of the subset, handed over third (--kd_cache: the teachers' logits)
         # When the transform would return the decoded pixels unchanged, batches skip it (see __getitems__).
         self.pixels_only = augmentation.passes_pixels_through(transform, self.size)

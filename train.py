@@ -59,7 +59,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 SCHEDULE_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "scheduler", "warmup_epochs")
-MODEL_FLAGS = ("model", "backbone", "dataset", "label_column", "age_bounds", "resize")  # what the weights are of
+# What the weights are of: a resumed run refuses to change them.
+MODEL_FLAGS = ("model", "backbone", "age_head", "dataset", "label_column", "age_bounds", "resize")
 UNSET = object()  # the default of every flag when finding out which were given (not a str: argparse converts those)
 
 
@@ -188,7 +189,12 @@ def resolve_defaults(args: Namespace, data: Any) -> None:
         if value and model_module.is_file_spec(value):
             path, _, name = value.rpartition(":")
             setattr(args, flag, f"{Path(path).expanduser().resolve()}:{name}")
-    model_module.check_backbone_use(args.model, args.backbone)
+    model_module.check_multi_head_use(args.model, backbone=args.backbone, age_head=args.age_head)
+    if args.age_head is None and model_module.takes_argument(args.model, "age_head"):
+        args.age_head = model_module.DEFAULT_AGE_HEAD
+    given = [f for f, on in (("--train_age_bounds", args.train_age_bounds), ("--age_sigma", args.age_sigma)) if on]
+    if given and not mask_data:
+        raise UserError(f"{given[0]} is for the mask datasets (age in years in the folder names); drop it")
 
 
 def normalization(args: Namespace, data: Any, aug_cls: type) -> tuple[Sequence[float], Sequence[float]]:

@@ -280,7 +280,7 @@ def test_pseudo_labels_join_only_the_training_side_within_threshold_and_cap_with
     for fold in range(3):  # every fold: in training, never validated
         tr, va = wrapped.split_dataset(fold, 3)
         assert pseudo_idx <= set(tr) and not pseudo_idx & set(va)
-    subset = subset_module.ImageSubset(wrapped, train_idx, lambda image: 0, (16, 12), None, wrapped.soft_labels)
+    subset = subset_module.ImageSubset(wrapped, train_idx, lambda image: 0, (16, 12), None, wrapped.training_targets())
     for row, k in enumerate(chosen):
         position = list(train_idx).index(len(data) + row)
         torch.testing.assert_close(subset[position][1], torch.tensor(probs[k], dtype=torch.float32))
@@ -290,7 +290,8 @@ def test_pseudo_labels_join_only_the_training_side_within_threshold_and_cap_with
     share = 2.5 / n_train
     capped = pseudo.add_pseudo_labels(data, pseudo_args(tmp_path / "out/probs.csv", pseudo_max_share=share))
     assert [p.name for p in capped.pseudo_paths] == [ids[3], ids[6]]  # 0.99 and 0.97, in file order
-    assert capped.soft_labels is None and list(capped.labels[len(data) :]) == [3, 6]
+    hard = capped.training_targets()  # hard pseudo-labels: class indices, as the data's own
+    assert hard.dtype == np.int64 and list(hard[len(data) :]) == [3, 6] and list(capped.labels[len(data) :]) == [3, 6]
 
 
 def test_a_run_with_pseudo_labels_from_inference_counts_them_and_never_validates_them(demo_root, tmp_path):
