@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import augmentation
 import cam
@@ -183,6 +183,7 @@ class Split:
 
     train_set: subset_module.ImageSubset
     val_set: subset_module.ImageSubset
+    val_source: Dataset  # what the validation loader reads: this rank's share, at its final pixels when made once
     val_idx: np.ndarray
     sampler: EpochSampler
     train_loader: DataLoader
@@ -206,6 +207,9 @@ def build_split(
     targets = data.training_targets()  # labels, or probabilities (--pseudo_soft, --age_sigma); validation's are labels
     train_set = subset_module.ImageSubset(data, train_idx, train_transform, aug.load_size, cache, targets)
     val_set = subset_module.ImageSubset(data, val_idx, eval_transform, aug.load_size, cache)
+    # Validation reads this rank's images at their final size, made once: a pass after that is a copy.
+    val_view = predict.rank_share(val_set, rank, world)
+    val_view = subset_module.fixed_once(val_view, eval_transform, settings.num_workers) or val_view
     class_counts = np.bincount(train_set.targets, minlength=data.num_classes)
     # Weighted: each image drawn with probability 1 / (its class's count), so every class comes up equally often.
     weights = 1.0 / class_counts[train_set.targets] if config.get("sampler") == "weighted" else None
@@ -213,10 +217,11 @@ def build_split(
     return Split(
         train_set,
         val_set,
+        val_view,
         np.asarray(val_idx),
         sampler,
         make_loader(train_set, settings.batch_size, settings, device, sampler),
-        make_loader(predict.rank_share(val_set, rank, world), settings.valid_batch_size, settings, device),
+        make_loader(val_view, settings.valid_batch_size, settings, device),
         batch_transform,
         eval_batch_transform,
     )
@@ -441,9 +446,13 @@ class Trainer:
         report.write_log(self.run_dir / "log.csv", self.state.rows)
         val_preds = chosen.probs.argmax(1).numpy()
 
+        # One process reads them as its validation does (every image, made once); under torchrun rank 0 reads
+        # only its share there, so it transforms them again.
+        source = self.split.val_source if devices.world_size() == 1 else val_set
+
         def val_inputs(rows: Sequence[int]) -> torch.Tensor:
             """Validation images as the network sees them (normalized)."""
-            images = torch.stack([val_set[i][0] for i in rows])
+            images = torch.stack([source[i][0] for i in rows])
             transform = self.split.eval_batch_transform
             return images if transform is None else transform(images)
 

@@ -59,19 +59,25 @@ class TestDataset(Dataset):
 
 
 class ImageListDataset(Dataset):
-    """Given image paths, in order, decoded at `size` (H, W) and transformed, as TestDataset reads info.csv's."""
+    """Given image paths, in order, decoded at `size` (H, W) and transformed, as TestDataset reads info.csv's;
+    read from `cache` (cache.RamCache over the same paths at `size`) when given."""
 
-    def __init__(self, image_paths: Sequence[Path], transform: Callable, size: Sequence[int]) -> None:
+    def __init__(
+        self, image_paths: Sequence[Path], transform: Callable, size: Sequence[int], cache: Any = None
+    ) -> None:
         self.image_paths = list(image_paths)
         self.transform = transform
         self.size = tuple(size)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(imaging.decode_fixed(self.image_paths[index], self.size))
-        return self.transform(image), index
+        pixels = (
+            self.cache[index] if self.cache is not None else imaging.decode_fixed(self.image_paths[index], self.size)
+        )
+        return self.transform(Image.fromarray(pixels)), index
 
 
 def read_id_table(path: Path, columns: str | Sequence[str], fix: str) -> pd.DataFrame:
@@ -124,11 +130,10 @@ class EvalImages:
     image_paths: list[Path]
     competition: bool  # info.csv layout: read through TestDataset, scored against truth.csv
 
-    def dataset(self, transform: Callable, size: Sequence[int]) -> Dataset:
-        """The images as a dataset of (transformed image, index) at decoding size `size` (H, W)."""
-        if self.competition:
-            return TestDataset(self.source, transform, size)
-        return ImageListDataset(self.image_paths, transform, size)
+    def dataset(self, transform: Callable, size: Sequence[int], cache: Any = None) -> Dataset:
+        """The images as a dataset of (transformed image, index) at decoding size `size` (H, W), read from `cache`
+        (over `image_paths` at that size) when given."""
+        return ImageListDataset(self.image_paths, transform, size, cache)
 
 
 def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any]) -> EvalImages:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import augmentation as augmentation_module
 import cache as cache_module
@@ -34,6 +34,7 @@ import imaging
 import predict
 import pseudo
 import rundir
+import subset
 import utils
 from utils import UserError
 
@@ -221,13 +222,52 @@ def check_members(args: Namespace) -> list[rundir.Member]:
     return members
 
 
-def check_images(images: evaldata.EvalImages, load_size: Sequence[int], num_workers: int) -> None:
-    decode = functools.partial(imaging.decode_fixed, size=tuple(load_size))
-    bad = cache_module.find_unreadable([str(p) for p in images.image_paths], decode, workers=num_workers + 1)
-    if bad:
-        listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
-        fix = "restore them from the competition data" if images.competition else f"restore them or fix {images.source}"
-        raise UserError(f"{len(bad)} eval image(s) cannot be read: {listing}. Every image needs a prediction: {fix}")
+class EvalPixels:
+    """The eval images decoded once per load size, into a RAM cache that also finds the unreadable ones, and made
+    once per eval transform into their final pixels (subset.fixed_once): an ensemble's members and TTA views
+    (taken on batches, predict.evaluate) share them. Images too many for the memory are decoded per pass."""
+
+    def __init__(self, images: evaldata.EvalImages, num_workers: int) -> None:
+        self.images, self.num_workers = images, num_workers
+        self.decoded: dict[tuple[int, ...], Any] = {}
+        self.fixed: dict[tuple, Any] = {}
+
+    def check(self, load_size: Sequence[int]) -> Any:
+        """The decoded images at `load_size` (None where they do not fit in memory: only checked); a UserError
+        listing every unreadable one."""
+        size = tuple(load_size)
+        if size in self.decoded:
+            return self.decoded[size]
+        paths = [str(p) for p in self.images.image_paths]
+        decode = functools.partial(imaging.decode_fixed, size=size)
+        workers = self.num_workers + 1
+        if cache_module.choose_kind("auto", len(paths), size) == "ram":
+            cache = cache_module.build_cache("ram", paths, size, decode, workers)
+            bad = cache.bad
+        else:
+            cache, bad = None, cache_module.find_unreadable(paths, decode, workers)
+        if bad:
+            images = self.images
+            listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
+            fix = (
+                "restore them from the competition data"
+                if images.competition
+                else f"restore them or fix {images.source}"
+            )
+            raise UserError(
+                f"{len(bad)} eval image(s) cannot be read: {listing}. Every image needs a prediction: {fix}"
+            )
+        self.decoded[size] = cache
+        return cache
+
+    def dataset(self, aug: Any, config: dict[str, Any]) -> Dataset:
+        """What a member with preset `aug` (its run's `config`) reads: (loader part of its eval transform, index)."""
+        transform, _ = augmentation_module.split_for_device(aug.eval_transform)
+        key = (config["augmentation"], tuple(config["resize"]), tuple(aug.load_size))
+        if key not in self.fixed:
+            view = self.images.dataset(transform, aug.load_size, self.check(aug.load_size))
+            self.fixed[key] = subset.fixed_once(view, transform, self.num_workers) or view
+        return self.fixed[key]
 
 
 def member_amp(flag: str, config: dict[str, Any], device: torch.device) -> str:
@@ -241,19 +281,20 @@ def member_amp(flag: str, config: dict[str, Any], device: torch.device) -> str:
 def predict_member(
     model: torch.nn.Module,
     aug: Any,
-    images: evaldata.EvalImages,
+    pixels: EvalPixels,
     args: Namespace,
     device: torch.device,
     config: dict[str, Any],
 ) -> np.ndarray:
     """One model's class probabilities for every image, averaged over the TTA views (predict.evaluate), in its
     run's precision and memory layout."""
-    transform, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
+    _, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
+    source = pixels.dataset(aug, config)
     loader = DataLoader(
-        images.dataset(transform, aug.load_size),
+        source,
         batch_size=args.batch_size,
         shuffle=False,
-        num_workers=args.num_workers,
+        num_workers=0 if getattr(source, "gather", False) else args.num_workers,
         pin_memory=device.type == "cuda",
     )
     views = augmentation_module.tta_views(args.tta)
@@ -280,7 +321,9 @@ def main(args: Namespace) -> Path:
     augs = [rundir.build_augmentation(m.config) for m in used]
     output = Path(args.output_dir) / "output.csv"
     check_writable(output.parent)
-    check_images(images, augs[0].load_size, args.num_workers)
+    pixels = EvalPixels(images, args.num_workers)
+    for aug in augs:  # every image decoded (and checked) once per load size, before any model predicts
+        pixels.check(aug.load_size)
 
     probs = np.zeros((len(images.image_ids), config["num_classes"]))
     for m, model, aug in zip(used, models, augs, strict=True):
@@ -290,7 +333,7 @@ def main(args: Namespace) -> Path:
             f"Predicting {len(images.image_ids)} images of {images.source} with {m.checkpoint} on {device} "
             f"({len(augmentation_module.tta_views(args.tta))} TTA view(s), amp {amp}{share})"
         )
-        probs += m.weight * predict_member(model, aug, images, args, device, m.config)
+        probs += m.weight * predict_member(model, aug, pixels, args, device, m.config)
     preds = probs.argmax(1)
 
     names = rundir.class_names_of(config)

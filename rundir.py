@@ -195,7 +195,8 @@ def build_model(config: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
         config["model"],
         config["num_classes"],
         backbone=config.get("backbone"),
-        age_head=config.get("age_head"),  # None (runs before --age_head): the model's own default, linear
+        # None (runs before --age_head): the model's own default, linear; recorded only for models that take it.
+        age_head=config.get("age_head") if model_module.takes_argument(config["model"], "age_head") else None,
         **labels.model_kwargs(),
         **kwargs,
     )

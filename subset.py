@@ -1,6 +1,7 @@
 """What a loader reads: `ImageSubset`, a view of some of a dataset's images (a split's training or validation
 side) with its own transform, decoded from the image cache when there is one, and batches handed over as one
-copy out of a RAM cache when the transform only passes the pixels through.
+copy out of a RAM cache when the transform only passes the pixels through; `FixedPixels`, images a deterministic
+transform (validation's, inference's) made once into their final pixels, so later passes only copy them.
 
     python -c "import subset; help(subset.ImageSubset)"
 """
@@ -16,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import augmentation
+import cache as cache_module
 import imaging
 
 
@@ -79,3 +81,44 @@ class ImageSubset(Dataset):
         targets = self.targets[rows].tolist() if self.soft is None else list(self.soft[rows])
         columns = [torch.from_numpy(pixels).permute(0, 3, 1, 2), targets]
         return list(zip(*columns, *([self.extras[rows]] if self.extras is not None else []), strict=True))
+
+
+class FixedPixels(Dataset):
+    """Images already at their final uint8 pixels (N, 3, H, W), with a target each, as `fixed_once` makes them: a
+    pass over them decodes, crops and resizes nothing, and a batch is one copy (no loader workers)."""
+
+    gather = True  # loop.loader_workers: batches are made here, in the training process
+
+    def __init__(self, pixels: torch.Tensor, targets: Sequence[Any]) -> None:
+        self.pixels, self.targets = pixels, list(targets)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        return self.pixels[i], self.targets[i]
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, Any]]:
+        return list(zip(self.pixels[torch.as_tensor(items, dtype=torch.int64)], [self.targets[i] for i in items],
+                        strict=True))  # fmt: skip
+
+
+def fixed_once(view: Dataset, transform: Any, workers: int, batch_size: int = 64) -> FixedPixels | None:
+    """`view`'s items, (transform(image), target), made once into `FixedPixels` by a parallel pass over it, when
+    its `transform` is deterministic and hands over uint8 pixels (ends in augmentation.to_uint8_tensor, as the
+    loader part of every preset's eval transform does after split_for_device) and they take under a quarter of
+    the available memory; else None, and the caller reads `view` as it is."""
+    steps = transform.transforms if hasattr(transform, "transforms") else [transform]
+    if not len(view) or steps[-1] is not augmentation.to_uint8_tensor:
+        return None
+    # Its own generator: a loader draws a seed when it starts, which must not move the run's random state.
+    loader = torch.utils.data.DataLoader(view, batch_size=batch_size, num_workers=workers, generator=torch.Generator())
+    pixels, targets = None, []
+    for images, batch_targets in loader:
+        if pixels is None:  # the size of every item, known from the first batch
+            if len(view) * images[0].numel() >= cache_module.available_memory() // 4:
+                return None
+            pixels = torch.empty((len(view), *images.shape[1:]), dtype=torch.uint8)
+        pixels[len(targets) : len(targets) + len(images)] = images
+        targets.extend(batch_targets.tolist() if isinstance(batch_targets, torch.Tensor) else batch_targets)
+    return FixedPixels(pixels, targets)

@@ -70,3 +70,13 @@ def test_bench_sweep_prints_the_trials_and_the_summary(demo_root):
     assert re.search(r"(?m)^wall [\d.]+ min \| epochs trained 2 of 2 unpruned \(100%\) \| 0 of 2 pruned \| best trial "
                      r"\d \(--lr [\d.e-]+\): val [\d.]+, eval macro F1 [\d.]+$", out), out  # fmt: skip
     assert re.search(r"(?m)^per-trial overhead after the first trial: median [\d.]+s, max [\d.]+s", out), out
+
+
+def test_bench_eval_prints_both_ways_of_validation_and_inference(demo_root):
+    out = bench("bench_eval.py", "--data_dir", str(demo_root / "train/images"), "--eval_dir", str(demo_root / "eval"),
+                "--workers", "1", "--repeat", "1")  # fmt: skip
+    for what in ("data only", "with the model"):
+        for way in ("per image", "made once"):
+            assert re.search(rf"(?m)^  {what} +{way} +\d+ images/s  \([\d.]+x\)$", out), out
+    for way in (r"before \(per member, per image\)", "decoded and made once"):
+        assert re.search(rf"(?m)^  {way} +\d+ images/s  \([\d.]+x\)$", out), out
