@@ -187,7 +187,7 @@ class Split:
     val_idx: np.ndarray
     sampler: EpochSampler
     train_loader: DataLoader
-    val_loader: DataLoader
+    val_loader: Any  # a DataLoader, or subset.FixedBatches
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None  # on the device, after the loader
     eval_batch_transform: Callable[[torch.Tensor], torch.Tensor] | None
 
@@ -221,7 +221,9 @@ def build_split(
         np.asarray(val_idx),
         sampler,
         make_loader(train_set, settings.batch_size, settings, device, sampler),
-        make_loader(val_view, settings.valid_batch_size, settings, device),
+        val_view.batches(settings.valid_batch_size)
+        if isinstance(val_view, subset_module.FixedPixels)
+        else make_loader(val_view, settings.valid_batch_size, settings, device),
         batch_transform,
         eval_batch_transform,
     )

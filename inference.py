@@ -290,13 +290,13 @@ def predict_member(
     run's precision and memory layout."""
     _, batch_transform = augmentation_module.split_for_device(aug.eval_transform)
     source = pixels.dataset(aug, config)
-    loader = DataLoader(
-        source,
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=0 if getattr(source, "gather", False) else args.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    if isinstance(source, subset.FixedPixels):
+        loader = source.batches(args.batch_size)
+    else:
+        loader = DataLoader(
+            source, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda",
+        )  # fmt: skip
     views = augmentation_module.tta_views(args.tta)
     channels_last = bool(config.get("channels_last")) and device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -8,7 +8,7 @@ transform (validation's, inference's) made once into their final pixels, so late
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,22 +85,38 @@ class ImageSubset(Dataset):
 
 class FixedPixels(Dataset):
     """Images already at their final uint8 pixels (N, 3, H, W), with a target each, as `fixed_once` makes them: a
-    pass over them decodes, crops and resizes nothing, and a batch is one copy (no loader workers)."""
+    pass over them decodes, crops and resizes nothing; `batches` hands them over as slices, without a copy."""
 
-    gather = True  # loop.loader_workers: batches are made here, in the training process
+    gather = True  # loop.loader_workers: no worker processes
 
     def __init__(self, pixels: torch.Tensor, targets: Sequence[Any]) -> None:
-        self.pixels, self.targets = pixels, list(targets)
+        self.pixels, self.targets = pixels, torch.as_tensor(np.asarray(targets))
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
-        return self.pixels[i], self.targets[i]
+        return self.pixels[i], self.targets[i].item()
 
-    def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, Any]]:
-        return list(zip(self.pixels[torch.as_tensor(items, dtype=torch.int64)], [self.targets[i] for i in items],
-                        strict=True))  # fmt: skip
+    def batches(self, batch_size: int) -> FixedBatches:
+        """What a validation or inference loader would give, in order: (pixels, targets) of `batch_size` images."""
+        return FixedBatches(self, batch_size)
+
+
+class FixedBatches:
+    """Consecutive slices of a `FixedPixels`: an in-order loader whose batches are views (a DataLoader would stack
+    the images one by one, which costs more than the pass it feeds on a busy CPU)."""
+
+    def __init__(self, fixed: FixedPixels, batch_size: int) -> None:
+        self.fixed, self.batch_size = fixed, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.fixed) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.fixed), self.batch_size):
+            end = start + self.batch_size
+            yield self.fixed.pixels[start:end], self.fixed.targets[start:end]
 
 
 def fixed_once(view: Dataset, transform: Any, workers: int, batch_size: int = 64) -> FixedPixels | None:

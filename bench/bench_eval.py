@@ -75,7 +75,7 @@ def validation(data_dir: Path, workers: int, repeat: int) -> None:
     net = model_module.build_model("MultiHeadModel", 18, **labels.model_kwargs()).eval()
     loaders = {
         "per image": DataLoader(per_image, batch_size=256, num_workers=workers, persistent_workers=workers > 0),
-        "made once": DataLoader(fixed, batch_size=256, num_workers=0),
+        "made once": fixed.batches(256),
     }
     print(f"Validation: {len(per_image)} images of {data_dir}, {workers} workers; made once in {made:.2f}s")
     cpu = torch.device("cpu")
@@ -104,7 +104,7 @@ def inference_pass(images: evaldata.EvalImages, aug, workers: int, once: bool) -
         cache_module.find_unreadable([str(p) for p in images.image_paths], decode, workers + 1)
     for _ in range(2):
         source = pixels.dataset(aug, config) if once else images.dataset(transform, aug.load_size)
-        loader = DataLoader(source, batch_size=256, num_workers=0 if once else workers)
+        loader = source.batches(256) if once else DataLoader(source, batch_size=256, num_workers=workers)
         predict.evaluate(
             net, loader, torch.device("cpu"), views=augmentation.tta_views(["flip"]), batch_transform=normalize
         )

@@ -46,8 +46,10 @@ def test_fixed_pixels_are_the_transform_of_every_image(demo_root):
     assert isinstance(fixed, subset.FixedPixels) and len(fixed) == len(view) and fixed.gather
     for i in (0, len(view) // 2, len(view) - 1):
         assert torch.equal(fixed[i][0], view[i][0]) and fixed[i][1] == view[i][1]
-    batch = fixed.__getitems__([3, 1])
-    assert torch.equal(batch[0][0], view[3][0]) and [t for _, t in batch] == [view[3][1], view[1][1]]
+    batches = list(fixed.batches(4))  # in order, the last one short
+    assert len(batches) == len(fixed.batches(4)) == -(-len(view) // 4)
+    assert torch.equal(torch.cat([x for x, _ in batches]), torch.stack([view[i][0] for i in range(len(view))]))
+    assert torch.cat([t for _, t in batches]).tolist() == [view[i][1] for i in range(len(view))]
     # A transform that does not end in uint8 pixels (normalized floats, random steps) is read as it is.
     assert subset.fixed_once(view, aug.eval_transform, workers=0) is None
     assert device_steps is not None
