@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,6 +52,8 @@ def score(truth: pd.DataFrame, submission: pd.DataFrame) -> dict[str, float]:
     out = {"f1": utils.macro_f1(scored, preds, 18), "acc": float((scored == preds).mean())}
     for task, t, p in zip(labels.TASKS, labels.decode(scored), labels.decode(preds), strict=True):
         out[task] = float((t == p).mean())
+    old = [c for c in range(18) if labels.decode(c)[2] == 2]  # the six classes of the oldest age band
+    out["old_f1"] = float(np.mean(f1_score(scored, preds, labels=old, average=None, zero_division=0)))
     return out
 
 
@@ -83,13 +86,18 @@ def main(args: argparse.Namespace) -> None:
                 results.append(s)
                 line = (
                     f"seed {seed}: eval macro F1 {s['f1']:.4f} acc {s['acc']:.1%} | mask {s['mask']:.1%} gender "
-                    f"{s['gender']:.1%} age {s['age']:.1%} | train {train_s:.0f}s ({n_train * epochs / train_s:.0f} "
-                    f"img/s) | inference {infer_s:.1f}s ({n_eval / infer_s:.0f} img/s)"
+                    f"{s['gender']:.1%} age {s['age']:.1%} | oldest band's classes F1 {s['old_f1']:.3f} | train "
+                    f"{train_s:.0f}s ({n_train * epochs / train_s:.0f} img/s) | inference {infer_s:.1f}s "
+                    f"({n_eval / infer_s:.0f} img/s)"
                 )
             print(line, flush=True)
     if len(results) > 1:
         f1 = np.array([r["f1"] for r in results])
-        print(f"mean eval macro F1 {f1.mean():.4f} (std {f1.std(ddof=1):.4f}, min {f1.min():.4f}, max {f1.max():.4f})")
+        old = np.mean([r["old_f1"] for r in results])
+        print(
+            f"mean eval macro F1 {f1.mean():.4f} (std {f1.std(ddof=1):.4f}, min {f1.min():.4f}, max {f1.max():.4f}); "
+            f"oldest band's classes F1 {old:.3f}"
+        )
 
 
 if __name__ == "__main__":
