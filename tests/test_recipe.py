@@ -24,11 +24,12 @@ def test_bench_recipe_trains_predicts_and_prints_one_parsable_line(demo_root, tm
     assert done.returncode == 0, done.stderr
     pattern = (
         r"seed 42: eval macro F1 ([\d.]+) acc ([\d.]+)% \| mask ([\d.]+)% gender ([\d.]+)% age ([\d.]+)% \| "
-        r"train (\d+)s \((\d+) img/s\) \| inference ([\d.]+)s \((\d+) img/s\)"
+        r"oldest band's classes F1 ([\d.]+) \| train (\d+)s \((\d+) img/s\) \| inference ([\d.]+)s \((\d+) img/s\)"
     )
     match = re.fullmatch(pattern, done.stdout.strip())
     assert match, done.stdout
     assert 0 <= float(match.group(1)) <= 1 and all(0 <= float(match.group(i)) <= 100 for i in range(2, 6))
+    assert 0 <= float(match.group(6)) <= 1
 
 
 def test_task_metrics_match_a_hand_computed_example():
