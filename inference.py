@@ -240,12 +240,8 @@ class EvalPixels:
             return self.decoded[size]
         paths = [str(p) for p in self.images.image_paths]
         decode = functools.partial(imaging.decode_fixed, size=size)
-        workers = self.num_workers + 1
-        if cache_module.choose_kind("auto", len(paths), size) == "ram":
-            cache = cache_module.build_cache("ram", paths, size, decode, workers)
-            bad = cache.bad
-        else:
-            cache, bad = None, cache_module.find_unreadable(paths, decode, workers)
+        kind = "ram" if cache_module.choose_kind("auto", len(paths), size) == "ram" else "none"
+        bad, cache = cache_module.decoded_once(paths, decode, size, kind, self.num_workers + 1, cache_dir="")
         if bad:
             images = self.images
             listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")
