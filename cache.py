@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+import devices
 import utils
 
 Decode = Callable[[str], np.ndarray]  # path -> HxWx3 uint8; raises on an unreadable file
@@ -106,12 +107,30 @@ def _in_processes(task: Callable[[int], str | None], n: int, workers: int) -> di
         _task = None
 
 
-def shared_array(shape: Sequence[int]) -> np.ndarray:
-    """A zeroed uint8 array in shared memory: what forked processes write there, the parent sees."""
+def shared_array(shape: Sequence[int], file: Path | None = None) -> np.ndarray:
+    """A zeroed uint8 array in shared memory: what forked processes write there, the parent sees. With `file` (a new
+    file in a memory file system, SHARED_DIR), other processes of the machine can attach it (`attach_array`)."""
     nbytes = int(np.prod(shape))
     if nbytes == 0:
         return np.zeros(shape, dtype=np.uint8)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8).reshape(shape)
+    if file is None:
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8).reshape(shape)
+    fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # a full /dev/shm fails here, not with SIGBUS at the first write
+        return np.frombuffer(mmap.mmap(fd, nbytes), dtype=np.uint8).reshape(shape)
+    finally:
+        os.close(fd)  # the mapping keeps the memory
+
+
+def attach_array(file: Path, shape: Sequence[int]) -> np.ndarray:
+    """The array another process of this machine made with `shared_array(shape, file)`, mapped copy-on-write: its
+    pages are that process's, shared; a write here (none is made) would stay in this process."""
+    nbytes = int(np.prod(shape))
+    if nbytes == 0:
+        return np.zeros(shape, dtype=np.uint8)
+    with open(file, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_COPY), dtype=np.uint8).reshape(shape)
 
 
 class RamCache:
@@ -124,9 +143,12 @@ class RamCache:
 
     kind = "ram"
 
-    def __init__(self, paths: Sequence[str], size: Sequence[int], decode: Decode, workers: int = 1) -> None:
+    def __init__(
+        self, paths: Sequence[str], size: Sequence[int], decode: Decode, workers: int = 1, file: Path | None = None
+    ) -> None:
+        """Decode `paths` into a new array; in `file` (SHARED_DIR) when other processes will attach it."""
         start = time.time()
-        self.images = shared_array((len(paths), size[0], size[1], 3))
+        self.images = shared_array((len(paths), size[0], size[1], 3), file)
 
         def store(i: int, image: np.ndarray) -> None:
             self.images[i] = image
@@ -136,6 +158,14 @@ class RamCache:
             f"RAM cache: {len(paths) - len(self.bad)} images, {self.images.nbytes / 2**20:.1f} MiB, "
             f"built in {time.time() - start:.1f}s"
         )
+
+    @classmethod
+    def attach(cls, file: Path, n: int, size: Sequence[int], bad: dict[str, str]) -> RamCache:
+        """The cache another process of this machine built into `file`; nothing is decoded."""
+        self = cls.__new__(cls)
+        self.images, self.bad = attach_array(file, (n, size[0], size[1], 3)), bad
+        self.report = f"RAM cache: attached {n - len(bad)} images, {self.images.nbytes / 2**20:.1f} MiB, from {file}"
+        return self
 
     def kept(self, mask: np.ndarray) -> RamCache:
         """This cache without the rows where `mask` is False (images removed from the dataset); itself unchanged,
@@ -158,8 +188,16 @@ class DiskCache:
     kind = "disk"
 
     def __init__(
-        self, paths: Sequence[str], size: Sequence[int], decode: Decode, root: str | os.PathLike, workers: int = 1
+        self,
+        paths: Sequence[str],
+        size: Sequence[int],
+        decode: Decode,
+        root: str | os.PathLike,
+        workers: int = 1,
+        bad: dict[str, str] | None = None,
     ) -> None:
+        """Decode every image without an entry yet; with `bad` (another process of this machine built the entries
+        and found these unreadable), decode none."""
         start = time.time()
         self.root = utils.make_dir(root, "--cache_dir", "CACHE_DIR")
         self.paths, self.size, self.decode = list(paths), tuple(size), decode
@@ -170,7 +208,10 @@ class DiskCache:
             utils.atomic_write(self.files[i], lambda f: np.save(f, image), binary=True)
 
         reused = sum(f.is_file() for f in self.files)
-        self.bad = _decode_all(paths, decode, store, workers, skip=lambda i: self.files[i].is_file())
+        if bad is None:
+            self.bad = _decode_all(paths, decode, store, workers, skip=lambda i: self.files[i].is_file())
+        else:
+            self.bad = bad
         total = sum(f.stat().st_size for f in self.files if f.is_file())
         self.report = (
             f"disk cache in {self.root}: {len(paths) - len(self.bad)} images ({reused} reused), "
@@ -277,14 +318,135 @@ def decoded_once(
     return bad, cache
 
 
+# ---------------------------------------------------------------------------------------------------
+# One cache per machine under torchrun: the node's local rank 0 builds it, the other local ranks attach it.
+SHARED_DIR = Path("/dev/shm")  # a memory file system: a RAM cache there is one copy for every process that maps it
+PREFIX = "baseline-cache-"
+
+
+def node_ranks() -> tuple[int, int, int]:
+    """(local rank, local world size, global rank of this machine's local rank 0) under torchrun, which numbers the
+    ranks of one machine consecutively; (0, 1, 0) in one process."""
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return local_rank, local_world, devices.rank() - local_rank
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """The shared cache files in `folder` whose building process is gone (killed before it removed them: a
+    `.partial` one may be half-written, so none is ever attached by a later run); returns them."""
+    removed = []
+    for file in folder.glob(f"{PREFIX}*-*.*"):
+        pid = file.stem.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                file.unlink()
+                removed.append(file)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def shared_file(paths: Sequence[str], size: Sequence[int]) -> Path | None:
+    """Where this machine's RAM cache of `paths` at `size` is built: named by their content (paths, sizes,
+    modification times, load size) and by the building process, in SHARED_DIR; None when SHARED_DIR is missing or
+    has too little room (Docker's default /dev/shm is 64 MB), and the caller uses the disk cache."""
+    nbytes = len(paths) * size[0] * size[1] * 3
+    try:
+        stat = os.statvfs(SHARED_DIR)
+        room = stat.f_bavail * stat.f_frsize if os.access(SHARED_DIR, os.W_OK) else 0
+    except OSError:  # no such folder (not Linux)
+        room = 0
+    if room < nbytes + 2**26:
+        print(
+            f"warning: {SHARED_DIR} has no room for the {nbytes / 2**20:.0f} MiB RAM cache the ranks of this machine "
+            "would share: the disk cache (--cache_dir) is used instead (docker run --shm-size or --ipc=host gives "
+            "it room)",
+            file=sys.stderr,
+        )
+        return None
+    remove_stale(SHARED_DIR)
+    key = hashlib.sha1(repr(reuse_key(paths, size, "ram", "")).encode()).hexdigest()[:16]
+    return SHARED_DIR / f"{PREFIX}{key}-{os.getpid()}.partial"
+
+
+def build_for_node(
+    paths: Sequence[str], decode: Decode, size: Sequence[int], kind: str, workers: int, cache_dir: str
+) -> tuple[str, Path | None, dict[str, str], RamCache | DiskCache | None]:
+    """Local rank 0's part: (kind, shared file, unreadable images, cache), decoded with the cores of every local
+    rank (they wait). A RAM cache is built under a `.partial` name and renamed when complete."""
+    _, local_world, _ = node_ranks()
+    kind = choose_kind(kind, len(paths), size)  # one copy for the machine: sized against its memory once
+    file = shared_file(paths, size) if kind == "ram" else None
+    if kind == "ram" and file is None:
+        kind = "disk"
+    if kind != "ram":
+        bad, cache = decoded_once(paths, decode, size, kind, workers * local_world, cache_dir)
+        return kind, None, bad, cache
+    try:
+        cache = RamCache(paths, size, decode, workers * local_world, file)
+        ready = file.with_suffix(".ready")
+        os.replace(file, ready)
+    except OSError as e:  # a /dev/shm filled meanwhile
+        file.unlink(missing_ok=True)
+        message = f"cannot build the shared RAM cache in {file}: {utils.reason(e)}; pass --cache disk"
+        raise utils.UserError(message) from e
+    except BaseException:
+        file.unlink(missing_ok=True)
+        raise
+    print(f"{cache.report}, shared by the {local_world} processes of this machine")
+    return kind, ready, cache.bad, cache
+
+
+def decoded_once_per_node(
+    paths: Sequence[str], decode: Decode, size: Sequence[int], kind: str, workers: int, cache_dir: str
+) -> tuple[dict[str, str], RamCache | DiskCache | None]:
+    """`decoded_once` under torchrun: each machine decodes its images once. Its local rank 0 builds the cache (RAM:
+    in SHARED_DIR; disk: under `cache_dir`) while the other ranks wait; they then attach it and decode nothing.
+    The shared file is removed once every rank has mapped it, so it lives as long as the run."""
+    local_rank, _, leader = node_ranks()
+    built: tuple | str | None = None
+    if local_rank == 0:
+        try:
+            built = build_for_node(paths, decode, size, kind, workers, cache_dir)
+        except utils.UserError as e:
+            built = str(e)  # the other ranks end with the same line instead of waiting for the timeout
+    found = devices.gather_objects(None if built is None else built[:3] if isinstance(built, tuple) else built)
+    if isinstance(found[leader], str):
+        raise utils.UserError(found[leader])
+    kind, file, bad = found[leader]
+    if local_rank == 0:
+        cache = built[3]
+    elif kind == "ram":
+        cache = RamCache.attach(file, len(paths), size, bad)
+    elif kind == "disk":
+        cache = DiskCache(paths, size, decode, cache_dir, bad=bad)
+    else:
+        cache = None
+    devices.gather_objects(None)  # every rank has mapped the file
+    if local_rank == 0 and file is not None:
+        file.unlink(missing_ok=True)
+    return bad, cache
+
+
 def prepare_images(
     data: Any, decode: Decode, size: Sequence[int], kind: str, workers: int, cache_dir: str, skip_bad: bool
 ) -> tuple[dict[str, str], RamCache | DiskCache | None]:
-    """Decode every image of `data` once before training, into the cache of `kind` (choose_kind) when there is
-    one: stop with all unreadable images listed, or drop them (`skip_bad`, --skip_bad_images). Returns
-    ({path: reason} of dropped images, cache)."""
+    """Decode every image of `data` once before training (once per machine under torchrun), into the cache of
+    `kind` (choose_kind) when there is one: stop with all unreadable images listed, or drop them (`skip_bad`,
+    --skip_bad_images). Returns ({path: reason} of dropped images, cache)."""
     paths = [str(p) for p in data.image_paths]
-    bad, cache = decoded_once(paths, decode, size, choose_kind(kind, len(paths), size), workers, cache_dir)
+    if devices.world_size() > 1:
+        bad, cache = decoded_once_per_node(paths, decode, size, kind, workers, cache_dir)
+    else:
+        bad, cache = decoded_once(paths, decode, size, choose_kind(kind, len(paths), size), workers, cache_dir)
     if not bad:
         return bad, cache
     listing = utils.listing([f"{p} ({r})" for p, r in bad.items()], limit=10, sep="; ")

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_memory.py                         # 1400 images; 0, 2 and 4 workers
     .venv/bin/python bench/bench_memory.py --n 7000 --workers 0 1 2 4 8 --seconds 5
+    .venv/bin/python bench/bench_memory.py --workers 0 --ranks 1 2 4   # torchrun processes sharing one cache
 
 Each worker count runs in a fresh Python process that builds a RamCache, makes the training loader as engine.fit
 does (--augmentation, train.py's loader defaults) and iterates epochs, reading every batch, for at least --epochs
@@ -10,6 +11,11 @@ size: a page shared by k processes counts 1/k to each) of that process and of it
 /proc/<pid>/smaps_rollup. Summed PSS counts every page once, so a cache the workers share through fork counts once
 whatever their number, while a copied cache would add its size per worker. What does grow per worker is its own
 private memory and the batches in flight (up to prefetch_factor batches per worker, in shared memory).
+
+With --ranks R > 1 the child is launched by torchrun as R gloo processes of one machine, each building its cache as
+train.py does (cache.prepare_images: local rank 0 decodes, the others attach its shared file), and every process
+under torchrun is sampled. `decoded` counts the decode calls of all of them; `copies` is the summed shared-memory
+PSS over the cache's size: 1.0 when the ranks hold one copy (with 0 workers no batch is in shared memory).
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def measure(args: argparse.Namespace) -> None:
     import augmentation
     import cache as cache_module
     import dataset as dataset_module
+    import devices
     import engine
     import imaging
     import subset as subset_module
@@ -111,7 +118,13 @@ def measure(args: argparse.Namespace) -> None:
     aug = preset(RESIZE, dataset_module.SEED_MEAN, dataset_module.SEED_STD)
     data = dataset_module.MaskSplitByProfileDataset(args.data_dir)
     decode = functools.partial(imaging.decode_fixed, size=aug.load_size)
-    ram = cache_module.RamCache([str(p) for p in data.image_paths], aug.load_size, decode, workers=workers + 1)
+    rank, _, _ = devices.init_distributed("cpu")  # under torchrun (--ranks): a gloo group; else one process
+    main_rank = rank == 0
+    counted = CountedDecode(decode, args.count_file)
+    if args.each_rank_decodes:  # the way before one cache per machine: every rank builds its own
+        ram = cache_module.RamCache([str(p) for p in data.image_paths], aug.load_size, counted, workers=workers + 1)
+    else:  # as train.py builds it
+        _, ram = cache_module.prepare_images(data, counted, aug.load_size, "ram", workers + 1, "cache", False)
     flags = ["--num_workers", str(workers), "--batch_size", str(args.batch_size), "--resize", *map(str, RESIZE)]
     train_args = train.get_parser().parse_args(flags)
     loader_part, _ = augmentation.split_for_device(aug.train_transform)  # the hand-over engine.fit makes
@@ -127,10 +140,16 @@ def measure(args: argparse.Namespace) -> None:
         for images, _targets in loader:
             checksum += float(images.float().mean())  # read every batch, as a training step would
             if not sampling:  # the workers are up (a sample taken while they fork could count a page twice)
-                print(START, flush=True)
+                devices.gather_objects(None)  # every rank's workers are up
+                if main_rank:
+                    print(START, flush=True)
                 sampling = True
         epochs += 1
     seconds = time.perf_counter() - start
+    devices.gather_objects(None)  # every rank is done
+    if not main_rank:
+        devices.cleanup_distributed()
+        return
     print(END, flush=True)
     images = next(iter(loader))[0]
     result = {
@@ -148,6 +167,20 @@ def measure(args: argparse.Namespace) -> None:
         "checksum": checksum,
     }
     print(json.dumps(result), flush=True)
+    devices.cleanup_distributed()
+
+
+class CountedDecode:
+    """`decode` that appends a byte to `count_file` per call (O_APPEND: one count across processes)."""
+
+    def __init__(self, decode, count_file: str) -> None:
+        self.decode, self.count_file = decode, count_file
+
+    def __call__(self, path):
+        fd = os.open(self.count_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.write(fd, b".")
+        os.close(fd)
+        return self.decode(path)
 
 
 def run_child(command: list[str], interval: float) -> dict[str, float]:
@@ -185,6 +218,13 @@ def get_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--n", type=int, default=1400, help="images to generate, rounded up to persons of 7")
     data.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="worker counts, one process each")
+    data.add_argument("--ranks", type=int, nargs="+", default=[1], help="torchrun processes (each with --workers)")
+    data.add_argument(
+        "--each_rank_decodes",
+        action="store_true",
+        help="also measure, for every --ranks above 1, the ranks each building a cache of their own (before cache.py "
+        "shared one per machine)",
+    )
     data.add_argument("--batch_size", type=int, default=64, help="images per batch")
     data.add_argument(
         "--augmentation",
@@ -198,6 +238,7 @@ def get_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--interval", type=float, default=0.01, help="seconds between memory samples")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # internal: measure one worker count
     p.add_argument("--data_dir", default=None, help=argparse.SUPPRESS)  # internal: the child's images
+    p.add_argument("--count_file", default=None, help=argparse.SUPPRESS)  # internal: where decodes are counted
     return p
 
 
@@ -205,8 +246,8 @@ def main(args: argparse.Namespace) -> None:
     if args.child is not None:
         measure(args)
         return
-    if args.n < 1 or args.batch_size < 1 or args.epochs < 1 or min(args.workers) < 0:
-        raise SystemExit("--n, --batch_size and --epochs must be at least 1 and every --workers at least 0")
+    if args.n < 1 or args.batch_size < 1 or args.epochs < 1 or min(args.workers) < 0 or min(args.ranks) < 1:
+        raise SystemExit("--n, --batch_size, --epochs and every --ranks must be at least 1, every --workers at least 0")
     if not Path("/proc/self/smaps_rollup").is_file():
         raise SystemExit("this benchmark reads /proc/<pid>/smaps_rollup: it needs Linux 4.14 or later")
     try:
@@ -224,11 +265,18 @@ def main(args: argparse.Namespace) -> None:
         subprocess.run([sys.executable, "-c", generate, str(root), str(persons)], cwd=REPO, check=True)
         print(f"wrote {persons * 7} JPEGs in {time.perf_counter() - start:.1f}s", flush=True)
         results = []
-        for workers in args.workers:
-            command = [sys.executable, __file__, "--child", str(workers), "--data_dir", str(root / "train/images")]
-            command += ["--batch_size", str(args.batch_size), "--epochs", str(args.epochs)]
-            command += ["--seconds", str(args.seconds), "--augmentation", args.augmentation]
-            results.append((workers, run_child(command, args.interval)))
+        plans = [(r, False) for r in args.ranks] + [(r, True) for r in args.ranks if r > 1 and args.each_rank_decodes]
+        for ranks, each in plans:
+            for workers in args.workers:
+                count = Path(tmp) / f"decoded-{ranks}-{workers}-{each}"
+                torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+                command = [sys.executable, *(torchrun if ranks > 1 else [])]
+                command += [__file__, "--child", str(workers), "--data_dir", str(root / "train/images")]
+                command += ["--batch_size", str(args.batch_size), "--epochs", str(args.epochs)]
+                command += ["--seconds", str(args.seconds), "--augmentation", args.augmentation]
+                command += ["--count_file", str(count)] + (["--each_rank_decodes"] if each else [])
+                result = run_child(command, args.interval)
+                results.append((workers, {**result, "ranks": ranks, "decoded": count.stat().st_size, "each": each}))
 
     first = results[0][1]
     h, w = first["load_size"]
@@ -242,7 +290,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"RAM cache: {first['images']} x {h} x {w} x 3 B = {first['cache'] / MiB:.1f} MiB\n")
     print(
         f"{'workers':>7} {'peak PSS':>9} {'vs 0':>7} {'main':>7} {'per worker':>11} {'private':>8} {'shmem':>6} "
-        f"{'in flight':>10} {'before':>7} {'samples':>8} {'epochs':>7} {'epoch s':>8}"
+        f"{'in flight':>10} {'before':>7} {'samples':>8} {'epochs':>7} {'epoch s':>8} {'ranks':>6} {'decoded':>8} "
+        f"{'copies':>7}"
     )
     base = results[0][1]["total"]
     for workers, r in results:
@@ -252,15 +301,18 @@ def main(args: argparse.Namespace) -> None:
         print(
             f"{workers:7d} {r['total'] / MiB:9.1f} {(r['total'] - base) / MiB:+7.1f} {r['main'] / MiB:7.1f} "
             f"{r['worker_pss'] / MiB:11.1f} {r['worker_private'] / MiB:8.1f} {r['shmem'] / MiB:6.1f} {in_flight:10.1f} "
-            f"{r['before'] / MiB:7.1f} {r['samples']:8d} {r['epochs']:7d} {r['epoch_s']:8.2f}"
+            f"{r['before'] / MiB:7.1f} {r['samples']:8d} {r['epochs']:7d} {r['epoch_s']:8.2f} {r['ranks']:6d} "
+            f"{r['decoded']:8d} {r['shmem'] / r['cache']:7.2f}{'  each rank decodes' if r['each'] else ''}"
         )
     print(
         "\nMiB. peak PSS: the largest sum over main + workers among the samples; vs 0: its growth over the first row; "
         "at that sample: main (PSS of the main process), per worker (mean PSS of a worker), private (mean memory "
         "of a worker that no other process maps, batches it is filling included), shmem (shared-memory PSS of all: "
-        "the batches in flight); in flight: the most batch memory the workers can hold (workers x prefetch x "
-        "batch); before: the main process once the cache is built. A copied cache would add "
-        f"{first['cache'] / MiB:.1f} MiB of private memory to every worker."
+        "the cache and the batches in flight); in flight: the most batch memory the workers can hold (workers x "
+        "prefetch x batch); before: the main process once the cache is built. A copied cache would add "
+        f"{first['cache'] / MiB:.1f} MiB of private memory to every worker. With ranks > 1, main is torchrun's "
+        "launcher and the workers are the ranks and their loader workers; decoded: decode calls of all processes; "
+        "copies: shmem over the cache's size."
     )
 
 

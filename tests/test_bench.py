@@ -44,6 +44,14 @@ def test_bench_memory_prints_a_row_per_worker_count():
     assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows), out
 
 
+def test_bench_memory_counts_one_decode_and_one_cache_copy_for_two_ranks():
+    out = bench("bench_memory.py", "--n", "14", "--workers", "0", "--ranks", "2", "--each_rank_decodes", "--batch_size",
+                "7", "--epochs", "1", "--seconds", "1")  # fmt: skip
+    rows = re.findall(r"(?m)^ +0 .* (\d+) +(\d+) +([\d.]+)(  each rank decodes)?$", out)
+    assert [(r[0], r[1], r[3]) for r in rows] == [("2", "14", ""), ("2", "28", "  each rank decodes")], out
+    assert abs(float(rows[0][2]) - 1) < 0.05 and abs(float(rows[1][2]) - 2) < 0.05, out
+
+
 def test_bench_distill_prints_the_three_ways(demo_root, tmp_path):
     from conftest import run_script, tiny_run_args
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -49,6 +50,12 @@ def test_two_processes_write_exactly_one_run_directory(ddp_run):
     config = pd.read_json(cwd / "model/exp/config.json", typ="series")
     assert config["world_size"] == 2 and config["global_batch_size"] == 2 * config["batch_size"]
     assert done.stdout.count("Run directory:") == 1  # only rank 0 prints
+
+
+def test_the_two_processes_share_one_ram_cache_built_by_local_rank_0(ddp_run):
+    _, done = ddp_run
+    shared = r"(?m)^RAM cache: \d+ images, .*, shared by the 2 processes of this machine$"
+    assert re.search(shared, done.stdout), done.stdout
 
 
 def test_only_rank_0_logs_to_the_tracker_and_to_train_log(ddp_run):
