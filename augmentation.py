@@ -149,6 +149,7 @@ class BaseAugmentation:
     """Resize, to tensor, normalize (the seed's preset); train and eval transforms are the same."""
 
     crop_fraction = (1.0, 1.0)  # central share (H, W) of the decoded image the network sees
+    batch_equivalent = False  # whether BatchAugment reproduces train_transform (then --gpu_aug is on by default)
 
     def __init__(self, resize: Sequence[int], mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> None:
         self.load_size = tuple(resize)
@@ -191,7 +192,10 @@ class CustomAugmentation(BaseAugmentation):
 
 
 class FaceAugmentation(CustomAugmentation):
-    """CustomAugmentation's face crop, then flips, small shifts/zooms and color jitter (cheap, in loader workers)."""
+    """CustomAugmentation's face crop, then flips, small shifts/zooms and color jitter (cheap, in loader workers).
+    BatchAugment makes the same draws batch-wise on the training device: --gpu_aug, on by default for it."""
+
+    batch_equivalent = True  # BatchAugment's defaults reproduce the training steps
 
     def random_image_steps(self) -> list[Any]:
         return [
@@ -257,10 +261,24 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # a CHW view of HWC memory: one copy
 
 
+def crop_in_grid(side: int, fraction: float) -> tuple[float, float]:
+    """(half-size, centre) in grid_sample's [-1, 1] units of the crop CenterCropFraction takes of a `side`-pixel
+    side: round(side x fraction) pixels from torchvision's center_crop offset."""
+    crop = round(side * fraction)
+    start = int(round((side - crop) / 2.0))
+    return crop / side, (2 * start + crop) / side - 1
+
+
 class BatchAugment:
-    """Augment whole uint8 NCHW batches on the training device (--gpu_aug): the preset's central crop and
-    resize, a random scale/shift and horizontal flip (one `grid_sample`), brightness, contrast and saturation
-    jitter, then normalization. Random numbers come from torch on that device, so runs repeat per seed."""
+    """FaceAugmentation's training steps on whole uint8 NCHW batches, on the training device (--gpu_aug): the
+    preset's central crop and resize, a horizontal flip, a shift and zoom (one `grid_sample` for the four), then
+    brightness, contrast and saturation jitter in a random order per image, then normalization.
+
+    Each random draw has torchvision's distribution for the per-image steps (RandomHorizontalFlip, RandomAffine
+    with whole-pixel shifts, ColorJitter clamping after each step; tests/test_device_augmentation.py compares them
+    over 2,000 draws). Two things differ on purpose: the interpolation is bilinear (RandomAffine's is nearest),
+    and a zoomed-out face shows the photo around the crop instead of black borders. Random numbers come from
+    torch on that device, so runs repeat per seed."""
 
     def __init__(
         self,
@@ -278,32 +296,49 @@ class BatchAugment:
         self.flip, self.scale, self.shift, self.jitter = flip, scale, shift, jitter
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        n, device = len(images), images.device
-        x = images.float().div_(255)
-
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return torch.empty(n, device=device).uniform_(low, high)
-
-        # Output pixel (u, v) in [-1, 1] samples input (sx * u + tx, sy * v + ty): crop, scale, shift, flip at once.
-        zoom = uniform(1 - self.scale, 1 + self.scale)
-        flip = torch.where(torch.rand(n, device=device) < self.flip, -1.0, 1.0)
-        theta = torch.zeros(n, 2, 3, device=device)
-        theta[:, 0, 0] = self.crop_fraction[1] * zoom * flip
-        theta[:, 1, 1] = self.crop_fraction[0] * zoom
-        theta[:, 0, 2] = uniform(-2 * self.shift, 2 * self.shift)
-        theta[:, 1, 2] = uniform(-2 * self.shift, 2 * self.shift)
-        grid = F.affine_grid(theta, [n, 3, *self.resize], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        x = self.geometry(images.float())  # pixel values 0..255 throughout: no pass to scale them
         if self.jitter:
-            j = self.jitter
-            x = x * uniform(1 - j, 1 + j).view(n, 1, 1, 1)  # brightness
-            gray = (x * GRAY_WEIGHTS.to(device)).sum(1, keepdim=True)
-            x = gray.mean((2, 3), keepdim=True) + (x - gray.mean((2, 3), keepdim=True)) * uniform(1 - j, 1 + j).view(
-                n, 1, 1, 1
-            )  # contrast around each image's mean gray
-            x = gray + (x - gray) * uniform(1 - j, 1 + j).view(n, 1, 1, 1)  # saturation
-            x = x.clamp_(0, 1)
-        return (x - self.mean.to(device)) / self.std.to(device)
+            x = self.color(x)
+        return x.sub_(self.mean.to(x.device) * 255).div_(self.std.to(x.device) * 255)
+
+    def uniform(self, n: int, device: torch.device, low: float, high: float) -> torch.Tensor:
+        return torch.empty(n, device=device).uniform_(low, high)
+
+    def geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop, resize, flip (probability `flip`), zoom s ~ U(1 - scale, 1 + scale) about the centre and shift by
+        round(U(-shift, shift) x side) pixels, as RandomHorizontalFlip then RandomAffine: output pixel p shows
+        flipped-crop pixel (p - centre - shift) / s + centre."""
+        n, device = len(x), x.device
+        (h, w), (fy, cy), (fx, cx) = self.resize, *map(crop_in_grid, x.shape[-2:], self.crop_fraction)
+        flip = torch.where(torch.rand(n, device=device) < self.flip, -1.0, 1.0)
+        tx = self.uniform(n, device, -self.shift * w, self.shift * w).round() * 2 / w  # in grid units (2 = a side)
+        ty = self.uniform(n, device, -self.shift * h, self.shift * h).round() * 2 / h
+        zoom = self.uniform(n, device, 1 - self.scale, 1 + self.scale)
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0], theta[:, 0, 2] = fx * flip / zoom, cx - fx * flip * tx / zoom
+        theta[:, 1, 1], theta[:, 1, 2] = fy / zoom, cy - fy * ty / zoom
+        grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def color(self, x: torch.Tensor) -> torch.Tensor:
+        """ColorJitter(brightness, contrast, saturation = jitter) on 0..255 images, in place: factors ~ U(1 - jitter,
+        1 + jitter), the three steps in a random order per image, each clamped to 0..255 as torchvision's are. Each
+        step blends the image with a reference: black (brightness), its mean gray (contrast), its gray (saturation);
+        the gray image is made only for the images whose step it is."""
+        n, device, j = len(x), x.device, self.jitter
+        factors = torch.empty(n, 3, device=device).uniform_(1 - j, 1 + j)
+        order = torch.rand(n, 3, device=device).argsort(1)  # a random permutation per image
+        weights = GRAY_WEIGHTS.to(device)
+        for r in range(3):
+            step = order[:, r].view(n, 1, 1, 1)
+            factor = factors.gather(1, order[:, r : r + 1]).view(n, 1, 1, 1)
+            mean_gray = (x.mean((2, 3), keepdim=True) * weights).sum(1, keepdim=True)  # the mean of the gray image
+            saturating = (step == 2).view(n).nonzero().view(-1)
+            gray = (x[saturating] * weights).sum(1, keepdim=True)
+            x.mul_(factor).add_((1 - factor) * mean_gray * (step == 1))
+            x[saturating] += (1 - factor[saturating]) * gray
+            x.clamp_(0, 255)
+        return x
 
 
 def cutmix_box(height: int, width: int, lam: float, mode: str) -> tuple[int, int, int, int]:

@@ -402,8 +402,10 @@ def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     run.add_argument(
         "--gpu_aug",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="flip, scale/shift, color jitter and normalization on the device, batch-wise, after the cache",
+        default=None,
+        help="flip, scale/shift, color jitter and normalization on the device, batch-wise, after the cache "
+        "(augmentation.BatchAugment) (default: on for the preset it reproduces, FaceAugmentation, on a GPU or a CPU; "
+        "--no-gpu_aug keeps its per-image steps in loader workers)",
     )
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_train.py                                  # BaseModel and mobilenetv3_small_100
     .venv/bin/python bench/bench_train.py --models resnet18 --steps 30 --workers 2
+    .venv/bin/python bench/bench_train.py --augmentation FaceAugmentation --gpu_aug   # per image vs on the device
 
 The loader is engine.make_loader with train.py's flag defaults (persistent workers, prefetch, EpochSampler order)
 over an ImageSubset of the --augmentation preset's train_transform reading a RamCache, as engine.fit builds it:
@@ -11,6 +12,11 @@ The in-memory feed cycles through one epoch of batches taken from that loader an
 feeds run the same step (forward, cross-entropy, zero_grad, backward, AdamW) on a freshly initialised model,
 --warmup untimed steps first. A ratio near 1 means the data path costs the training loop nothing; below 1, the
 loop waited for batches or the workers took CPU time from the model.
+
+--gpu_aug adds a third feed, timed in the same alternating blocks: the loader hands over the cached uint8 images
+(a copy per batch, no workers) and augmentation.BatchAugment (the preset's steps, batch-wise) runs in the training
+process before each step, as engine.fit does with --gpu_aug. Its images/s against the loader's say which way of
+augmenting trains faster on this machine.
 """
 
 from __future__ import annotations
@@ -112,6 +118,11 @@ def get_parser() -> argparse.ArgumentParser:
         choices=sorted(augmentation.augmentation_classes()),
         help="preset whose train_transform the loader runs (FaceAugmentation: the mask data's default)",
     )
+    data.add_argument(
+        "--gpu_aug",
+        action="store_true",
+        help="also time the feed that augments batch-wise in the training process (train.py --gpu_aug)",
+    )
     net = p.add_argument_group("model")
     net.add_argument(
         "--models", nargs="+", default=["BaseModel", "mobilenetv3_small_100"], help="model.py classes or timm names"
@@ -161,7 +172,12 @@ def main(args: argparse.Namespace) -> None:
             yield (images if device_part is None else device_part(images)), targets
 
     in_memory = list(on_device(loader))  # one epoch of ready batches
-    loader_feed = on_device(forever(loader))
+    feeds = {"loader": lambda: on_device(forever(loader))}
+    if args.gpu_aug:  # engine.build_split's --gpu_aug: uint8 images out of the cache, augmented batch-wise here
+        pixels = subset_module.ImageSubset(data, np.arange(len(data)), augmentation.to_uint8_tensor, aug.load_size, ram)
+        device_aug = augmentation.BatchAugment(RESIZE, mean, std, aug.crop_fraction)
+        device_loader = training_loader(pixels, args.batch_size, train_args)
+        feeds["device aug"] = lambda: ((device_aug(x), y) for x, y in forever(device_loader))
     print(
         f"{len(data)} images | {args.augmentation} | batch {args.batch_size} | {loader.num_workers} loader workers "
         f"(--num_workers {train_args.num_workers}; none when batches are copied out of the cache) | "
@@ -172,12 +188,18 @@ def main(args: argparse.Namespace) -> None:
         f"{args.warmup} warm-up + {args.steps} timed steps per feed, timed in {args.rounds} blocks that alternate "
         "in memory, loader, in memory, ...\n"
     )
-    print(f"{'model':<24} {'in memory':>10} {'loader':>10} {'loader/in memory':>17}   (images/s)")
+    device_columns = f" {'device aug':>10} {'device aug/in memory':>21} {'device aug/loader':>18}"
+    device_columns = device_columns if args.gpu_aug else ""
+    print(f"{'model':<24} {'in memory':>10} {'loader':>10} {'loader/in memory':>17}{device_columns}   (images/s)")
     for name in args.models:
-        feeds = {"in memory": forever(in_memory), "loader": loader_feed}
-        rates = images_per_second(name, feeds, args.steps, args.warmup, args.rounds, args.seed)
+        named = {"in memory": forever(in_memory), **{feed: make() for feed, make in feeds.items()}}
+        rates = images_per_second(name, named, args.steps, args.warmup, args.rounds, args.seed)
         memory_rate, loader_rate = rates["in memory"], rates["loader"]
-        print(f"{name:<24} {memory_rate:10.1f} {loader_rate:10.1f} {loader_rate / memory_rate:17.2f}", flush=True)
+        row = f"{name:<24} {memory_rate:10.1f} {loader_rate:10.1f} {loader_rate / memory_rate:17.2f}"
+        if args.gpu_aug:
+            device_rate = rates["device aug"]
+            row += f" {device_rate:10.1f} {device_rate / memory_rate:21.2f} {device_rate / loader_rate:18.2f}"
+        print(row, flush=True)
     print(f"\ntarget: loader/in memory >= 0.9 | load average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -88,3 +88,25 @@ def test_bench_eval_prints_both_ways_of_validation_and_inference(demo_root):
             assert re.search(rf"(?m)^  {what} +{way} +\d+ images/s  \([\d.]+x\)$", out), out
     for way in (r"before \(per member, per image\)", "decoded and made once"):
         assert re.search(rf"(?m)^  {way} +\d+ images/s  \([\d.]+x\)$", out), out
+
+
+def test_gpu_check_runs_every_path_the_cpu_can_and_says_which_it_skipped():
+    out = bench("gpu_check.py", "--device", "cpu", "--n", "28", "--batch_size", "7", "--steps", "3", "--warmup", "1",
+                "--resize", "64", "48", "--backbone", "BaseModel", "--persons", "4")  # fmt: skip
+    ok = r" +[\d.]+ +[\d.]+ +[\d.]+ +nan  ok$"
+    for path in ("fp32", "bf16", "bf16 \\+ channels_last", "bf16 \\+ channels_last \\+ compile",
+                 "bf16 \\+ channels_last \\+ gpu_aug"):  # fmt: skip
+        assert re.search(rf"(?m)^{path}{ok}", out), (path, out)
+    assert re.search(r"(?m)^fp16 \+ GradScaler +skipped: --amp fp16 needs a CUDA GPU", out), out
+    assert re.search(r"(?m)^DataParallel, bf16 \+ gpu_aug +skipped: needs 2 or more GPUs$", out), out
+    runs = re.findall(r"(?m)^(train\.py, the GPU recipe's flags|train\.py, defaults|torchrun DDP \(gloo\) x 1) +"
+                      r"[\d.]+ +[\d.]+ +off +(True|False)  ok$", out)  # fmt: skip
+    # The mask data's defaults augment batch-wise on the device (FaceAugmentation), the GPU recipe names --gpu_aug.
+    assert sorted(runs) == [("torchrun DDP (gloo) x 1", "True"), ("train.py, defaults", "True"),
+                            ("train.py, the GPU recipe's flags", "True")], out  # fmt: skip
+
+
+def test_gpu_check_without_a_gpu_ends_with_one_line():
+    done = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--device", "cuda"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr

@@ -55,14 +55,18 @@ def test_fixed_pixels_are_the_transform_of_every_image(demo_root):
     assert device_steps is not None
 
 
-def test_validation_crops_each_image_once_whatever_the_epochs(demo_root, tmp_path, counted):
-    flags = tiny_run_args(demo_root, "--epochs", "3", "--num_workers", "0", "--cache", "ram")
+@pytest.mark.parametrize("gpu_aug", [[], ["--no-gpu_aug"]])
+def test_validation_crops_each_image_once_whatever_the_epochs(demo_root, tmp_path, counted, gpu_aug):
+    flags = tiny_run_args(demo_root, "--epochs", "3", "--num_workers", "0", "--cache", "ram", *gpu_aug)
     result = run_script("train.py", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "model/exp/config.json").read_text())
-    assert config["augmentation"] == "FaceAugmentation"  # whose training transform crops every image too
+    assert config["augmentation"] == "FaceAugmentation"
     n_train, n_val = config["train_images"], config["val_images"]
-    assert counted["crop"] == 3 * n_train + n_val  # per epoch for training, once for validation
+    if gpu_aug:  # per-image training steps: FaceAugmentation's transform crops every training image every epoch
+        assert not config["gpu_aug"] and counted["crop"] == 3 * n_train + n_val
+    else:  # the default: training crops batch-wise on the device (BatchAugment), validation once per image
+        assert config["gpu_aug"] and counted["crop"] == n_val
     assert counted["decode"] == n_train + n_val  # the cache: once each
 
 
