@@ -55,6 +55,44 @@ def test_flip_shift_and_zoom_match_the_per_image_preset_over_2000_draws():
         assert abs(float(a.min() - b.min())) < 0.5 and abs(float(a.max() - b.max())) < 0.5, (key, a, b)
 
 
+def test_the_shifted_or_zoomed_out_crop_leaves_black_where_the_per_image_preset_does():
+    """RandomAffine fills with black what the moved crop no longer covers, even where the photo goes on: the
+    share of black pixels has the same distribution over 2,000 draws (an all-white photo, so anything of it
+    shown outside the crop would be white)."""
+    face = augmentation.FaceAugmentation((32, 24), (0, 0, 0), (1, 1, 1))
+    geometry = transforms.Compose(
+        [s for s in face.train_transform.transforms if not isinstance(s, transforms.ColorJitter)]
+    )
+    image = np.full((*face.load_size, 3), 255, np.uint8)
+    torch.manual_seed(0)
+    per_image = torch.stack([geometry(Image.fromarray(image)) for _ in range(N)])
+    batch = augmentation.BatchAugment((32, 24), (0, 0, 0), (1, 1, 1), face.crop_fraction, jitter=0)(as_batch(image, N))
+    black = [(images < 0.5).all(1).float().mean((1, 2)) for images in (per_image, batch)]
+    assert 0.04 < float(black[0].mean()) < 0.1  # the preset shows black in about 7% of a face on average
+    assert ks_2samp(*black).pvalue > 0.01
+    assert abs(float(black[0].mean() - black[1].mean())) < 0.005
+    assert set(batch.unique().tolist()) == {0.0, 1.0}  # nearest pixels: nothing blended with the black
+
+
+def test_the_gather_reads_the_pixels_grid_sample_reads_in_nearest_mode():
+    """BatchAugment.geometry gathers rows and columns itself: for flips, shifts and zooms, each output pixel is
+    the one torch's grid_sample picks in nearest mode (align_corners=False), zero where it falls off the image."""
+    torch.manual_seed(0)
+    n, (h, w), (height, width) = 64, (32, 24), (51, 36)
+    source = torch.arange(height * width, dtype=torch.float32).view(1, 1, height, width).expand(n, 1, -1, -1) + 1
+    slope = torch.empty(2, n).uniform_(0.5, 1.2) * torch.tensor([[1.0], [-1.0]]).repeat(1, n)[:, torch.randperm(n)]
+    offset = torch.empty(2, n).uniform_(-0.3, 0.3)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = slope[0], offset[0], slope[1], offset[1]
+    grid = torch.nn.functional.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    expected = torch.nn.functional.grid_sample(source, grid, mode="nearest", align_corners=False)[:, 0]
+    columns, _ = augmentation.nearest_source(slope[0], offset[0], w, width, 0.0, 1.0)
+    rows, _ = augmentation.nearest_source(slope[1], offset[1], h, height, 0.0, 1.0)
+    on_image = expected > 0
+    assert 0.5 < float(on_image.float().mean()) < 1  # some of the grid falls off the image: the zero padding
+    assert torch.equal((rows[:, :, None] * width + columns[:, None, :] + 1)[on_image].float(), expected[on_image])
+
+
 def jitter_statistics(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per image: the red and blue means of the left and right halves (brightness), their summed difference
     (contrast) and the left half's channel spread (saturation)."""
