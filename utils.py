@@ -16,6 +16,7 @@ import errno
 import inspect
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -74,11 +75,19 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
     threading.excepthook = thread_hook
     try:
         main(args)
+        sys.stdout.flush()  # inside the try: what is still buffered may meet a closed pipe (below)
     except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:
         sys.exit(e.exit_code)
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise
+        # The reader of stdout went away (`runs.py --suspects RUN | head`): stop quietly, as `cat` and `git log` do.
+        # stdout goes to /dev/null first, or the interpreter's own flush at exit would report the pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except Exception as e:  # a writer outside atomic_write (TensorBoard's event file, a library) found the disk full
         if not out_of_space(e):
             raise
@@ -88,6 +97,16 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
         sys.exit(2)
     finally:
         threading.excepthook = default_hook
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone: polled, its end reports an error (POSIX; False elsewhere)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or stdout is not a file descriptor
+        return False
 
 
 def error_chain(error: BaseException) -> list[BaseException]:

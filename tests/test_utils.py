@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -70,6 +76,43 @@ def test_early_stopping():
     assert [stopper.step(s) for s in (0.1, 0.2, 0.2, 0.15)] == [False, False, False, True]
     never = utils.EarlyStopping(patience=0)
     assert not any(never.step(0.0) for _ in range(10))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(code: str, read_one_line: bool, buffered: bool = True) -> tuple[int, str]:
+    """Run `code` in a fresh interpreter whose stdout is a pipe; the reader goes away after one line if asked."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | (
+        {} if buffered else {"PYTHONUNBUFFERED": "1"}
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    if read_one_line:
+        assert proc.stdout.readline() == b"x" * 99 + b"\n"
+        proc.stdout.close()  # like `| head -1`
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+@pytest.mark.parametrize("lines", [10**6, 1])
+def test_a_script_whose_stdout_reader_goes_away_stops_quietly(lines, buffered):
+    """`runs.py --suspects RUN | head`: no traceback, the shell's exit code for SIGPIPE; whether the pipe breaks
+    while printing (many lines) or at the last flush (one line, the last still in the buffer at the end)."""
+    code = f"import sys, time, utils\ndef main(a):\n    [print('x' * 99) for _ in range({lines})]\n"
+    code += "    sys.stdout.flush(); time.sleep(1); print('after the reader left')\n"
+    code += "utils.run_main(main, None)"
+    returncode, err = run_script(code, read_one_line=True, buffered=buffered)
+    assert (returncode, err) == (128 + signal.SIGPIPE, "")
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_a_bug_with_its_traceback():
+    code = "import os, utils\ndef main(a):\n    print('x' * 99)\n    r, w = os.pipe()\n    os.close(r)\n"
+    code += "    os.write(w, b'x')\nutils.run_main(main, None)"
+    returncode, err = run_script(code, read_one_line=False)
+    assert returncode == 1 and "Traceback" in err and "BrokenPipeError" in err
 
 
 def test_find_class_accepts_only_classes_defined_in_the_module():
