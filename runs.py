@@ -45,6 +45,7 @@ SUSPECT_COLUMNS = [
     "photos",
     "share_disagree",
     "mean_prob_label",
+    "evidence",
     "example_path",
 ]
 
@@ -355,9 +356,11 @@ def label_suspects(
     """Per person, field and labelled value (per image for the mask and other data's class): photos, the share of
     them flagged as contradicting the label (`share_disagree`; how, `flag_photos` says for each method), mean
     probability of the labelled value, the value predicted instead most often, and the photo that contradicts the
-    label most. Returns the candidates (share >= min_share), ranked by the mean probability of the label relative
-    to chance (x 2 for gender, x 3 for age band), lowest first: a gender label at p 0.2 is as suspect as an age
-    band at p 0.13, and an unsure model does not rank its age guesses first. `.attrs["estimates"]` holds
+    label most. Returns the candidates (share >= min_share), ranked by `evidence`, lowest first: the sum over the
+    photos of log(K * probability of the label), K the field's number of values (2 genders, 3 age bands), the log
+    of how much likelier chance makes the label than the models do. So a gender label at p 0.2 is as suspect as an
+    age band at p 0.13, an unsure model does not rank its age guesses first, and seven photos against a person's
+    label outweigh one photo's mask at the same probability. `.attrs["estimates"]` holds
     cleanlab's estimated count of wrong labels per field and value (empty for disagreement).
 
     A field's probability is the sum of the class probabilities over the other fields (P(female) = sum over
@@ -404,14 +407,13 @@ def label_suspects(
                     "photos": len(photos),
                     "share_disagree": len(wrong) / len(photos),
                     "mean_prob_label": float(photos["prob_label"].mean()),
+                    "evidence": float(np.log(np.clip(photos["prob_label"].to_numpy() * len(names), 1e-9, None)).sum()),
                     "example_path": photos.loc[photos["prob_label"].idxmin(), "path"],
                 }
             )
     stats = pd.DataFrame(rows, columns=SUSPECT_COLUMNS)
     candidates = stats[stats["share_disagree"] >= min_share - 1e-9]  # 4/5 photos is a share of 0.8
-    vs_chance = candidates["mean_prob_label"] * candidates["field"].map({f: len(v.names) for f, v in fields.items()})
-    order = candidates.assign(_rank=vs_chance).sort_values(["_rank", "group", "field"], kind="stable")
-    result = order.drop(columns="_rank").reset_index(drop=True)
+    result = candidates.sort_values(["evidence", "group", "field"], kind="stable").reset_index(drop=True)
     result.attrs["estimates"] = pd.DataFrame(estimates, columns=["field", "label", "photos", "estimated_wrong"])
     return result
 
@@ -465,7 +467,12 @@ def report_suspects(run_dir: Path, min_share: float, method: str) -> pd.DataFram
         top = suspects.head(10)
         print(
             top.to_string(
-                index=False, formatters={"share_disagree": "{:.2f}".format, "mean_prob_label": "{:.3f}".format}
+                index=False,
+                formatters={
+                    "share_disagree": "{:.2f}".format,
+                    "mean_prob_label": "{:.3f}".format,
+                    "evidence": "{:.1f}".format,
+                },
             )
         )
     print(f"Saved {out} (all {len(suspects)}) and {template} (rewritten each time: copy it before editing).")

@@ -157,6 +157,28 @@ def test_suspects_rank_persons_whose_gender_label_the_models_contradict(tmp_path
     assert "candidates for a human to look at, never applied" in out and "000003" in out
 
 
+def test_seven_photos_against_a_persons_label_outrank_one_photo_against_its_mask(tmp_path):
+    """One photo of person 000001 is confidently another mask (p 0.99): its mask label's mean probability (about
+    0.003, x 3 values) is lower than the flipped persons' gender labels' (0.026 and 0.16, x 2), but it is one photo
+    against seven: ranked by the evidence summed over the photos, the two persons come first."""
+    path = write_predictions(tmp_path / "oof.csv")
+    table = pd.read_csv(path, dtype={"group": str})
+    row = table.index[(table["group"] == "000001") & table["path"].str.endswith("/normal.jpg")][0]
+    truth = int(table.loc[row, "truth"])
+    mask, gender, age = labels.decode(truth)
+    p = np.full(18, 0.01 / 17)
+    p[labels.encode((mask + 1) % 3, gender, age)] = 0.99
+    table.loc[row, [f"prob_{c}" for c in labels.mask_class_names()]] = p
+    table.to_csv(path, index=False)
+    suspects = runs.main(runs.get_parser().parse_args(["--suspects", str(tmp_path), "--method", "cleanlab"]))
+    assert suspects[["group", "field"]].values.tolist() == [["000003", "gender"], ["000008", "gender"],
+                                                            ["000001", "mask"]]  # fmt: skip
+    chance_ratio = suspects["mean_prob_label"] * suspects["field"].map({"gender": 2, "mask": 3})
+    assert chance_ratio.iloc[2] < chance_ratio.iloc[0]  # the old ranking (mean probability) put the photo first
+    assert suspects["evidence"].iloc[0] == pytest.approx(7 * np.log(2 * 9 * 0.05 / 17))
+    assert suspects["evidence"].iloc[2] == pytest.approx(np.log(3 * 6 * 0.01 / 17))
+
+
 @pytest.mark.parametrize("method", runs.METHODS)
 def test_a_person_with_few_disagreeing_photos_is_a_candidate_only_below_min_share(tmp_path, method):
     write_predictions(tmp_path / "oof.csv")
