@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import tempfile
 from argparse import Namespace
 from collections.abc import Sequence
@@ -140,7 +141,7 @@ def add_runtime_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--num_workers",
         type=int,
-        default=int(utils.env_value("NUM_WORKERS", utils.default_num_workers())),
+        default=utils.env_int("NUM_WORKERS", utils.default_num_workers(), "--num_workers"),
         help="data loader processes [$NUM_WORKERS]",
     )
 
@@ -203,9 +204,15 @@ def write_probs(path: Path, image_ids: list[str], probs: np.ndarray, class_names
     utils.atomic_write(path, lambda f: table.to_csv(f, index=False))
 
 
+RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils.check_ranges)
+    "weights": ("0 or more, with a positive sum", lambda v: v >= 0),
+    "resize": ("at least 8 pixels", lambda v: v >= 8),
+    "batch_size": utils.at_least(1),
+    "num_workers": ("0 or more", lambda v: v >= 0),
+}
+
+
 def check_members(args: Namespace) -> list[rundir.Member]:
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size} must be at least 1")
     # $SM_CHANNEL_MODEL gives one directory; the flag gives a list.
     model_dirs = [args.model_dir] if isinstance(args.model_dir, str) else list(args.model_dir or [])
     if not model_dirs:
@@ -305,6 +312,7 @@ def predict_member(
 
 
 def main(args: Namespace) -> Path:
+    utils.check_ranges(args, RANGES)
     members = check_members(args)
     config = members[0].config
     images = evaldata.find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)
@@ -351,4 +359,4 @@ def main(args: Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_parser().parse_args())
+    utils.run_main(lambda argv: main(get_parser().parse_args(argv)), sys.argv[1:])  # $NUM_WORKERS's errors too

@@ -9,9 +9,7 @@ augmentation, model, optimizer, criterion), and combinations that work.
 from __future__ import annotations
 
 import argparse
-import math
 from argparse import Namespace
-from collections.abc import Callable
 from pathlib import Path
 
 import augmentation as augmentation_module
@@ -20,6 +18,7 @@ import demo
 import engine
 import loss as loss_module
 import model as model_module
+import rundir
 import schedule
 import splits
 import utils
@@ -28,10 +27,6 @@ from utils import UserError
 
 def dataset_classes() -> dict[str, type]:
     return utils.module_classes(dataset_module, lambda c: hasattr(c, "split_dataset"))
-
-
-def at_least(low: float) -> tuple[str, Callable[[float], bool]]:
-    return f"at least {low:g}", lambda v: v >= low
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +147,7 @@ def add_loader_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--prefetch_factor",
         type=int,
-        default=int(utils.env_value("PREFETCH_FACTOR", 2)),
+        default=utils.env_int("PREFETCH_FACTOR", 2, "--prefetch_factor", minimum=1),
         help="batches each worker prepares ahead [$PREFETCH_FACTOR]",
     )
     data.add_argument(
@@ -178,7 +173,7 @@ def add_loader_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--num_workers",
         type=int,
-        default=int(utils.env_value("NUM_WORKERS", utils.default_num_workers())),
+        default=utils.env_int("NUM_WORKERS", utils.default_num_workers(), "--num_workers"),
         help="data loader processes [$NUM_WORKERS; default: CPU cores - 1, at most 8]",
     )
 
@@ -409,23 +404,23 @@ def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     )
 
 
-FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric flag: what it must be
-    "n_splits": at_least(2),
+FLAG_RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be
+    "n_splits": utils.at_least(2),
     "val_ratio": ("between 0 and 1 (e.g. 0.2)", lambda v: 0 < v < 1),
-    "age_bounds": at_least(1),
-    "train_age_bounds": at_least(1),
+    "age_bounds": utils.at_least(1),
+    "train_age_bounds": utils.at_least(1),
     "age_sigma": ("0 (off) or more years", lambda v: v >= 0),
-    "prefetch_factor": at_least(1),
+    "prefetch_factor": utils.at_least(1),
     "resize": ("at least 8 pixels", lambda v: v >= 8),
     "num_workers": ("0 or more", lambda v: v >= 0),
-    "epochs": at_least(1),
-    "batch_size": at_least(1),
-    "valid_batch_size": at_least(1),
+    "epochs": utils.at_least(1),
+    "batch_size": utils.at_least(1),
+    "valid_batch_size": utils.at_least(1),
     "lr": ("positive", lambda v: v > 0),
     "weight_decay": ("0 or more", lambda v: v >= 0),
     "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "warmup_epochs": ("0 (off) or more", lambda v: v >= 0),
-    "lr_decay_step": at_least(1),
+    "lr_decay_step": utils.at_least(1),
     "gamma": ("in (0, 1], the factor the rate is multiplied by", lambda v: 0 < v <= 1),
     "task_weights": ("0 or more", lambda v: v >= 0),
     "ema": ("a decay in [0, 1), e.g. 0.999 (0: off)", lambda v: 0 <= v < 1),
@@ -435,7 +430,7 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric
     "kd_temperature": ("positive", lambda v: v > 0),
     "pseudo_threshold": ("a probability in (0, 1]", lambda v: 0 < v <= 1),
     "pseudo_max_share": ("positive (a share of the training split's size)", lambda v: v > 0),
-    "grad_accum": at_least(1),
+    "grad_accum": utils.at_least(1),
     "clip_grad": ("0 (off) or more", lambda v: v >= 0),
     "mixup": ("0 (off) or more", lambda v: v >= 0),
     "cutmix": ("0 (off) or more", lambda v: v >= 0),
@@ -448,16 +443,6 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {  # every numeric
 
 # ---------------------------------------------------------------------------------------------------
 # What each flag must be.
-def check_ranges(args: Namespace) -> None:
-    """Every numeric flag within its range (FLAG_RANGES), finite: nan and inf pass no comparison here."""
-    for flag, (rule, ok) in FLAG_RANGES.items():
-        value = getattr(args, flag, None)
-        values = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
-        if not all(math.isfinite(v) and ok(v) for v in values):
-            shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-            raise UserError(f"--{flag} {shown} must be {rule}" + (" (each)" if len(values) > 1 else ""))
-
-
 def check_soft_targets(args: Namespace) -> None:
     """Flags that train on class probabilities need a criterion that learns from them, and are not mixed."""
     soft = [f for f, on in (("--pseudo_soft", args.pseudo_soft), ("--age_sigma", args.age_sigma)) if on]
@@ -474,7 +459,7 @@ def check_soft_targets(args: Namespace) -> None:
 
 def check_args(args: Namespace) -> None:
     """Reject impossible flags and unknown names before any data is read."""
-    check_ranges(args)
+    utils.check_ranges(args, FLAG_RANGES)
     if args.task_weights is not None and not sum(args.task_weights) > 0:
         raise UserError(f"--task_weights {' '.join(map(str, args.task_weights))}: at least one must be above 0")
     if args.swa_start > args.epochs:
@@ -485,6 +470,8 @@ def check_args(args: Namespace) -> None:
     if args.warmup_epochs > args.epochs:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     check_soft_targets(args)
+    for entry in args.teacher or []:  # each exists, before the data is read (or the demo data made)
+        rundir.checkpoints(entry, "best", "--teacher")
     if args.kd_cache and not args.teacher:
         raise UserError("--kd_cache needs --teacher RUN [RUN ...]")
     if args.kd_cache and (args.mixup or args.cutmix):

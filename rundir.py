@@ -157,9 +157,9 @@ def find_runs(root: Path) -> Iterator[tuple[Path, list[Path]]]:
             yield here, parts
 
 
-def checkpoints(entry: str | os.PathLike, which: str = "best") -> list[Path]:
-    """The checkpoint files one `--model_dir` entry stands for: a checkpoint file itself, the `{which}.pth` of
-    each fold of a k-fold run directory, or the run directory's own."""
+def checkpoints(entry: str | os.PathLike, which: str = "best", flag: str = "--model_dir") -> list[Path]:
+    """The checkpoint files one `flag` entry (inference's --model_dir, train.py's --teacher) stands for: a
+    checkpoint file itself, the `{which}.pth` of each fold of a k-fold run directory, or the run directory's own."""
     path = Path(entry)
     if path.is_file():
         return [path]
@@ -167,10 +167,10 @@ def checkpoints(entry: str | os.PathLike, which: str = "best") -> list[Path]:
     if folds:
         return [f / f"{which}.pth" for f in folds]
     if not path.is_dir():
-        raise UserError(f"--model_dir {path} does not exist: pass a run directory, a k-fold run or a .pth file")
+        raise UserError(f"{flag} {path} does not exist: pass a run directory, a k-fold run or a .pth file")
     if not (path / CONFIG).is_file() and not (path / f"{which}.pth").is_file():
         raise UserError(
-            f"--model_dir {path} has no config.json: pass a run directory written by train.py "
+            f"{flag} {path} has no config.json: pass a run directory written by train.py "
             "(or a k-fold run directory holding fold0/, fold1/, ..., or a best.pth file)"
         )
     return [path / f"{which}.pth"]
@@ -251,7 +251,7 @@ def resolve_members(
         raise UserError(f"--weights {' '.join(f'{w:g}' for w in weights)}: need numbers >= 0 with a positive sum")
     members = []
     for entry, weight in zip(model_dirs, weights, strict=True):
-        paths = checkpoints(entry, which)
+        paths = checkpoints(entry, which, flag)
         members += [Member(p, weight / len(paths) / sum(weights), member_config(p)) for p in paths]
     first = members[0]
     for other in members[1:]:

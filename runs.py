@@ -539,14 +539,17 @@ def cam_figures(run_dir: Path, n: int, device: str = "auto") -> list[Path]:
     return written
 
 
+RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils.check_ranges)
+    "min_share": ("above 0 and at most 1 (e.g. 0.8)", lambda v: 0 < v <= 1),
+    "images": ("at least 1 (images per class, right and wrong each)", lambda v: v >= 1),
+}
+
+
 def main(args: Namespace) -> pd.DataFrame:
+    utils.check_ranges(args, RANGES)
     if args.suspects is not None:
-        if not 0 < args.min_share <= 1:
-            raise UserError(f"--min_share {args.min_share} must be above 0 and at most 1 (e.g. 0.8)")
         return report_suspects(Path(args.suspects), args.min_share, args.method)
     if args.cam is not None:
-        if args.images < 1:
-            raise UserError(f"--images {args.images} must be at least 1 (images per class, right and wrong each)")
         return pd.DataFrame({"figure": [str(p) for p in cam_figures(Path(args.cam), args.images, args.device)]})
     root = Path(args.model_dir)
     table = run_table(root)
@@ -560,4 +563,4 @@ def main(args: Namespace) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_parser().parse_args())
+    utils.run_main(lambda argv: main(get_parser().parse_args(argv)), sys.argv[1:])  # .env's errors too

@@ -225,10 +225,6 @@ def check_base(args: Namespace) -> list[str]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("sweep.py runs one process per GPU, not under torchrun: start one per device with "
                         "CUDA_VISIBLE_DEVICES=N python sweep.py ... (the same --name shares the study)")  # fmt: skip
-    for key in ("trials", "prune_warmup", "prune_startup"):
-        low = 1 if key == "trials" else 0
-        if getattr(args, key) < low:
-            raise UserError(f"--{key} {getattr(args, key)} must be {low} or more")
     return words
 
 
@@ -521,7 +517,16 @@ def summary(study: Any, sweep_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils.check_ranges)
+    "trials": utils.at_least(1),
+    "prune_warmup": ("0 or more", lambda v: v >= 0),
+    "prune_startup": ("0 or more", lambda v: v >= 0),
+    "seed": ("0 or more (numpy takes no negative seed)", lambda v: 0 <= v < 2**32),
+}
+
+
 def main(args: Namespace) -> Any:
+    utils.check_ranges(args, RANGES)
     if not args.space:
         raise UserError(f"--space is missing: what to search, each {FORMS} (e.g. --space lr=log:1e-4:1e-2)")
     base = check_base(args)

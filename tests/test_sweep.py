@@ -307,7 +307,7 @@ def test_a_bad_space_item_exits_2_with_one_line_naming_it(tmp_path, item, expect
 
 BAD_CALLS = [
     (["--space", "lr=log:1e-3:1e-2", "lr=float:1e-3:1e-2"], "given twice"),
-    (["--trials", "0", "--space", "lr=log:1e-3:1e-2"], "--trials 0 must be 1 or more"),
+    (["--trials", "0", "--space", "lr=log:1e-3:1e-2"], "--trials 0 must be at least 1"),
     (["--space", "lr=log:1e-3:1e-2", "--", "--name", "x"], "--name after --"),
     (["--space", "lr=log:1e-3:1e-2", "--", "--epochz", "3"], "did you mean --epochs"),
     (["--space", "lr=log:1e-3:1e-2", "--", "--fold", "all"], "--fold all after --"),
