@@ -211,7 +211,12 @@ def add_optimization_flags(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument("--epochs", type=int, default=24, help="passes over the training split")
     opt.add_argument("--batch_size", type=int, default=64, help="training images per step (per process)")
     opt.add_argument("--valid_batch_size", type=int, default=256, help="images per validation batch")
-    opt.add_argument("--optimizer", default="AdamW", help="class name in torch.optim")
+    opt.add_argument(
+        "--optimizer",
+        default="AdamW",
+        help="class name in torch.optim (those that step without a closure on dense gradients: not LBFGS, "
+        "SparseAdam or Muon)",
+    )
     opt.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     opt.add_argument("--weight_decay", type=float, default=1e-2, help="weight decay (L2 for SGD, decoupled for AdamW)")
     opt.add_argument(
@@ -497,8 +502,7 @@ def check_args(args: Namespace) -> None:
         value = getattr(args, flag[2:])
         if value is not None and value not in classes:
             raise UserError(utils.unknown_name_message(flag, value, classes))
-    if args.optimizer not in schedule.optimizer_names():
-        raise UserError(utils.unknown_name_message("--optimizer", args.optimizer, schedule.optimizer_names()))
+    schedule.check_optimizer(args.optimizer)
     if args.model is not None:
         model_module.check_model_name(args.model)
     if args.backbone:

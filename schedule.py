@@ -7,6 +7,7 @@ the weights: what `--optimizer`, `--scheduler`, `--warmup_epochs` and `--ema` bu
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -22,11 +23,41 @@ SCHEDULERS = ("none", "step", "cosine", "cosine_restarts", "onecycle", "plateau"
 
 
 def optimizer_names() -> list[str]:
-    return sorted(
-        n
-        for n, c in vars(torch.optim).items()
-        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
-    )
+    """torch.optim's optimizers that can train the way train.py does (`trains_here`): the --optimizer choices."""
+    return [name for name in sorted(vars(torch.optim)) if trains_here(name)]
+
+
+def check_optimizer(name: str) -> None:
+    """A `UserError` naming the choices unless --optimizer `name` is one of `optimizer_names`."""
+    if trains_here(name):
+        return
+    if hasattr(torch.optim, name):
+        raise UserError(
+            f"--optimizer {name} cannot train the way train.py does (a step per batch without a closure, on dense "
+            f"gradients, for parameters of every shape): use one of {', '.join(optimizer_names())}"
+        )
+    raise UserError(utils.unknown_name_message("--optimizer", name, optimizer_names()))
+
+
+@functools.cache
+def trains_here(name: str) -> bool:
+    """Whether torch.optim.`name` is an optimizer that `build_optimizer` builds over parameters of every shape and
+    that steps without a closure on dense gradients: tried once on a tiny conv-BN model, with the random state put
+    back. LBFGS wants a closure, SparseAdam sparse gradients, Muon 2-D parameters only: --optimizer refuses them in
+    one line instead of failing at the first step."""
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer):
+        return False
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        try:
+            optimizer = build_optimizer(probe, name, lr=1e-3, weight_decay=1e-4, momentum=0.9)
+            probe(torch.ones(2, 1, 4, 4)).sum().backward()
+            optimizer.step()
+        except Exception:  # noqa: BLE001 (any refusal: the optimizer cannot train this way)
+            return False
+    return True
 
 
 def build_optimizer(

@@ -221,6 +221,45 @@ def test_norm_and_bias_parameters_get_no_weight_decay_unless_asked():
     assert len(schedule.build_optimizer(model, "AdamW", 1e-3, 0.05, 0.9, decay_norm_bias=True).param_groups) == 1
 
 
+@pytest.mark.parametrize("name", schedule.optimizer_names())
+def test_every_optimizer_choice_trains_the_mask_model(name):
+    """Each --optimizer choice steps the default MultiHeadModel (BaseModel backbone) on a real loss: every
+    parameter of the backbone and the three heads moves, and the random state is what seeding left."""
+    import labels
+    import model as model_module
+
+    torch.manual_seed(0)
+    net = model_module.build_model("MultiHeadModel", 18, **labels.model_kwargs())
+    before = [p.detach().clone() for p in net.parameters()]
+    expected_draw = torch.rand(1, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(1)
+    schedule.trains_here.cache_clear()
+    assert schedule.trains_here(name)
+    optimizer = schedule.build_optimizer(net, name, lr=1e-2, weight_decay=0.01, momentum=0.9)
+    assert torch.rand(1).equal(expected_draw)  # the check's probe model and the build left the random state alone
+    out = model_module.to_class_logits(net(torch.randn(4, 3, 32, 24)), net)
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 5, 11, 17])).backward()
+    optimizer.step()
+    moved = [not p.detach().equal(b) for p, b in zip(net.parameters(), before, strict=True)]
+    assert all(moved), [n for (n, _), m in zip(net.named_parameters(), moved, strict=True) if not m]
+
+
+@pytest.mark.parametrize("name", ["LBFGS", "SparseAdam", "Muon"])
+def test_an_optimizer_that_cannot_train_this_way_is_refused_in_one_line(name, tmp_path):
+    """torch.optim classes that fail at the first step of train.py's loop (a closure, sparse gradients, 2-D
+    parameters only) are not choices: one line that lists the ones that train, before any data is read."""
+    if not hasattr(torch.optim, name):
+        pytest.skip(f"this torch has no torch.optim.{name}")
+    assert name not in schedule.optimizer_names()
+    done = run_script("train.py", "--optimizer", name, "--data_dir", "never_read", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: --optimizer {name} cannot train the way train.py does (a step per batch without a closure, on dense "
+        f"gradients, for parameters of every shape): use one of {', '.join(schedule.optimizer_names())}"
+    ]
+    assert not (tmp_path / "model").exists()
+
+
 def test_bf16_trains_on_cpu_and_fp16_is_refused_with_one_line(demo_root, tmp_path):
     ok = run_script("train.py", *tiny_run_args(demo_root, "--amp", "bf16", "--gpu_aug"), cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
