@@ -475,6 +475,7 @@ def check_args(args: Namespace) -> None:
     if args.warmup_epochs > args.epochs:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     check_soft_targets(args)
+    rundir.check_run_name(args.name)
     for entry in args.teacher or []:  # each exists, before the data is read (or the demo data made)
         rundir.checkpoints(entry, "best", "--teacher")
     if args.kd_cache and not args.teacher:

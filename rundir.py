@@ -59,6 +59,16 @@ DATA_FACTS = (
 )
 
 
+def check_run_name(name: str, flag: str = "--name") -> None:
+    """A `UserError` unless `name` is one folder name: a run lives in {model_dir}/{name} (an empty name, '..' or a
+    path put it beside or outside --model_dir, where runs.py and inference.py's newest run never look)."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise UserError(
+            f"{flag} {name!r} must be one folder name (no '/', not '', '.' or '..'): the run goes in "
+            "--model_dir/NAME; to put runs elsewhere, pass --model_dir"
+        )
+
+
 def increment_path(path: str | os.PathLike) -> Path:
     """Create and return a new directory `path`, else `path2`, `path3`, ...; never reuses one.
 

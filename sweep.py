@@ -527,6 +527,7 @@ RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils
 
 def main(args: Namespace) -> Any:
     utils.check_ranges(args, RANGES)
+    rundir.check_run_name(args.name)
     if not args.space:
         raise UserError(f"--space is missing: what to search, each {FORMS} (e.g. --space lr=log:1e-4:1e-2)")
     base = check_base(args)

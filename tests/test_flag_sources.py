@@ -134,3 +134,15 @@ def test_a_teacher_that_does_not_exist_is_named_by_its_own_flag(tmp_path):
     line = one_error_line(run_script("train.py", "--teacher", "missing_run", cwd=tmp_path))
     assert line.startswith("error: --teacher missing_run does not exist"), line  # it said --model_dir
     assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("script", ["train.py", "sweep.py"])
+@pytest.mark.parametrize("name", ["", ".", "..", "../beside", "a/b", "/abs", "a\\b"])
+def test_a_run_name_that_is_not_one_folder_name_is_refused(script, name, tmp_path):
+    """A run (or sweep) lives in --model_dir/NAME: '' made model2/ beside model/, ../x a run outside it, where
+    runs.py and inference.py never look."""
+    words = ["--name", name, "--data_dir", "never_read"] + (["--space", "lr=log:1e-4:1e-2"] * (script == "sweep.py"))
+    line = one_error_line(run_script(script, *words, cwd=tmp_path))
+    assert line == f"error: --name {name!r} must be one folder name (no '/', not '', '.' or '..'): the run goes in " \
+        "--model_dir/NAME; to put runs elsewhere, pass --model_dir", line  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
