@@ -146,6 +146,8 @@ def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any
                 f"{path / 'images'} to predict every image in it"
             )
         test_set = TestDataset(path)
+        if not test_set.image_ids:  # a submission of no rows would be a silent zero score
+            raise UserError(f"{path / 'info.csv'} lists no images (a header only): restore the competition's info.csv")
         return EvalImages(path, test_set.image_ids, test_set.image_paths, competition=True)
     if path.is_dir():
         paths = sorted(

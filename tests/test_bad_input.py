@@ -218,6 +218,15 @@ def test_inference_input_errors(run_dir, eval_dir, tmp_path):
     assert not (tmp_path / "out/output.csv").exists()
 
 
+@pytest.mark.parametrize("header_only", ["ImageID,ans\n", "ImageID,ans\n\n", "ImageID\n"])
+def test_an_info_csv_that_lists_no_images_is_one_line_and_writes_nothing(run_dir, eval_dir, tmp_path, header_only):
+    """It was a numpy broadcasting traceback: an empty submission would otherwise score zero in silence."""
+    (eval_dir / "info.csv").write_text(header_only)
+    line = one_error_line(infer(run_dir, eval_dir, tmp_path))
+    assert line == f"error: {eval_dir / 'info.csv'} lists no images (a header only): restore the competition's info.csv"
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_eval_image(run_dir, eval_dir, tmp_path):
     broken = sorted((eval_dir / "images").iterdir())[0]
     broken.write_bytes(b"")
