@@ -149,6 +149,7 @@ class RamCache:
         """Decode `paths` into a new array; in `file` (SHARED_DIR) when other processes will attach it."""
         start = time.time()
         self.images = shared_array((len(paths), size[0], size[1], 3), file)
+        self.rows: np.ndarray | None = None  # the rows of `images` this cache holds, in order (None: all)
 
         def store(i: int, image: np.ndarray) -> None:
             self.images[i] = image
@@ -163,22 +164,27 @@ class RamCache:
     def attach(cls, file: Path, n: int, size: Sequence[int], bad: dict[str, str]) -> RamCache:
         """The cache another process of this machine built into `file`; nothing is decoded."""
         self = cls.__new__(cls)
-        self.images, self.bad = attach_array(file, (n, size[0], size[1], 3)), bad
+        self.images, self.bad, self.rows = attach_array(file, (n, size[0], size[1], 3)), bad, None
         self.report = f"RAM cache: attached {n - len(bad)} images, {self.images.nbytes / 2**20:.1f} MiB, from {file}"
         return self
 
     def kept(self, mask: np.ndarray) -> RamCache:
-        """This cache without the rows where `mask` is False (images removed from the dataset); itself unchanged,
-        for the next run of a sweep."""
+        """This cache without the rows where `mask` is False (images removed from the dataset), over the same
+        array: no copy, so the ranks of a machine still share one (a copy per rank was the cost of
+        --skip_bad_images under torchrun); itself unchanged, for the next run of a sweep."""
         new = copy.copy(self)
-        new.images = self.images[mask]
+        new.rows = np.flatnonzero(mask) if self.rows is None else self.rows[np.asarray(mask, dtype=bool)]
         return new
 
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The images at `indices` as one (len, H, W, 3) array: a batch in one copy out of shared memory."""
+        return self.images[indices if self.rows is None else self.rows[indices]]
+
     def __getitem__(self, index: int) -> np.ndarray:
-        return self.images[index]
+        return self.images[index if self.rows is None else self.rows[index]]
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.rows is None else len(self.rows)
 
 
 class DiskCache:

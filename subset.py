@@ -49,7 +49,7 @@ class ImageSubset(Dataset):
         self.extras = extras  # per image of the subset, handed over third (--kd_cache: the teachers' logits)
         # When the transform would return the decoded pixels unchanged, batches skip it (see __getitems__).
         self.pixels_only = augmentation.passes_pixels_through(transform, self.size)
-        self.gather = self.pixels_only and hasattr(cache, "images")  # and a batch is one copy out of memory
+        self.gather = self.pixels_only and hasattr(cache, "take")  # and a batch is one copy out of memory
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -75,7 +75,7 @@ class ImageSubset(Dataset):
             return [self[i] for i in items]
         rows = np.asarray(items, dtype=np.int64)
         if self.gather:
-            pixels = self.cache.images[self.indices[rows]]
+            pixels = self.cache.take(self.indices[rows])
         else:
             pixels = np.stack([self.pixels(i) for i in rows])
         targets = self.targets[rows].tolist() if self.soft is None else list(self.soft[rows])

@@ -71,6 +71,11 @@ def test_unreadable_images_are_reported_by_the_cache_build(tmp_path, workers):
     kept = store.kept(np.arange(7) != 4)
     assert len(kept) == 6 and len(store) == 7  # the cache itself stays whole, for a sweep's next trial
     assert [int(kept[i][0, 0, 0]) // 10 for i in range(6)] == [0, 3, 6, 9, 15, 18]
+    # Over the same memory, not a copy (under torchrun, a copy per rank): a batch is one gather of kept rows.
+    assert kept.images is store.images
+    assert [int(v) // 10 for v in kept.take(np.array([5, 0, 4]))[:, 0, 0, 0]] == [18, 0, 15]
+    again = kept.kept(np.arange(6) != 0)  # kept twice: rows of rows
+    assert len(again) == 5 and [int(again[i][0, 0, 0]) // 10 for i in range(5)] == [3, 6, 9, 15, 18]
 
 
 def test_two_workers_draw_different_augmentations_from_the_same_cached_image(data, tmp_path):
