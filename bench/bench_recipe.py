@@ -57,9 +57,18 @@ def score(truth: pd.DataFrame, submission: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def caller_path(word: str) -> str:
+    """A train.py word that names a file from where this script was started (`--label_fixes flips.csv`, `--backbone
+    bench/recipe_backbones.py:Wide`), made absolute: the runs start in the model folder."""
+    import model
+
+    path, sep, name = word.rpartition(":") if model.is_file_spec(word) else (word, "", "")
+    return str(Path(path).resolve()) + sep + name if Path(path).is_file() else word
+
+
 def main(args: argparse.Namespace) -> None:
     data = Path(args.data).resolve()
-    extra = [a for a in args.train_flags if a != "--"]
+    extra = [caller_path(a) for a in args.train_flags if a != "--"]
     n_eval = len(pd.read_csv(data / "eval/info.csv"))
     truth_path = data / "eval/truth.csv"
     results = []

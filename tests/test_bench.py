@@ -110,3 +110,23 @@ def test_gpu_check_without_a_gpu_ends_with_one_line():
     done = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--device", "cuda"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_the_recipe_backbones_build_under_the_multi_head_model_and_plain_is_base_model():
+    """bench/recipe_backbones.py (issue 23's width, depth and dropout experiments) as `--backbone FILE:CLASS`."""
+    import torch
+
+    import labels
+    import model
+
+    spec = str(ROOT / "bench/recipe_backbones.py")
+    base = model.BaseModel(num_classes=1).features.state_dict()
+    plain = model.class_from_file(f"{spec}:Plain")().features.state_dict()
+    assert [(k, v.shape) for k, v in plain.items()] == [(k, v.shape) for k, v in base.items()]
+    widths = {}
+    for name in ("Plain", "Wide", "Narrow", "Deep", "Dropout5"):
+        net = model.build_model("MultiHeadModel", 18, backbone=f"{spec}:{name}", **labels.model_kwargs()).eval()
+        assert net(torch.zeros(2, 3, 96, 72)).shape == (2, 8), name  # mask 3 | gender 2 | age 3
+        widths[name] = net.backbone.num_features
+    assert widths == {"Plain": 768, "Wide": 1024, "Narrow": 512, "Deep": 768, "Dropout5": 768}
+    assert model.class_from_file(f"{spec}:Dropout5")().drop.p == 0.5

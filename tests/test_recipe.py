@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -30,6 +31,20 @@ def test_bench_recipe_trains_predicts_and_prints_one_parsable_line(demo_root, tm
     assert match, done.stdout
     assert 0 <= float(match.group(1)) <= 1 and all(0 <= float(match.group(i)) <= 100 for i in range(2, 6))
     assert 0 <= float(match.group(6)) <= 1
+
+
+def test_bench_recipe_finds_a_backbone_file_given_relative_to_where_it_was_started(demo_root, tmp_path):
+    """The runs start in the model folder: `--backbone bench/recipe_backbones.py:Narrow` (README, issue 23's
+    table) is made absolute first, and the run records that file."""
+    done = subprocess.run(
+        [sys.executable, "bench/bench_recipe.py", "--data", str(demo_root), "--model_dir", str(tmp_path), "--",
+         "--epochs", "1", "--resize", "32", "24", "--num_workers", "0",
+         "--backbone", "bench/recipe_backbones.py:Narrow"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "model/recipe_seed42/config.json").read_text())
+    assert config["backbone"] == f"{ROOT / 'bench/recipe_backbones.py'}:Narrow"
 
 
 def test_task_metrics_match_a_hand_computed_example():
