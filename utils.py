@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -75,21 +74,15 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
             default_hook(hook_args)
 
     threading.excepthook = thread_hook
+    stdout, sys.stdout = sys.stdout, StdoutGuard(sys.stdout)
     try:
         main(args)
-        sys.stdout.flush()  # inside the try: what is still buffered may meet a closed pipe (below)
+        sys.stdout.flush()  # what is still buffered may meet a closed pipe: the guard drops it
     except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:
         sys.exit(e.exit_code)
-    except BrokenPipeError:
-        if not stdout_closed():
-            raise
-        # The reader of stdout went away (`runs.py --suspects RUN | head`): stop quietly, as `cat` and `git log` do.
-        # stdout goes to /dev/null first, or the interpreter's own flush at exit would report the pipe again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + signal.SIGPIPE)
     except Exception as e:  # a writer outside atomic_write (TensorBoard's event file, a library) found the disk full
         if not out_of_space(e):
             raise
@@ -98,17 +91,41 @@ def run_main(main: Callable[[Any], Any], args: Any) -> None:
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
     finally:
+        sys.stdout = stdout
         threading.excepthook = default_hook
 
 
-def stdout_closed() -> bool:
-    """Whether stdout is a pipe whose reader has gone: polled, its end reports an error (POSIX; False elsewhere)."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or stdout is not a file descriptor
-        return False
+class StdoutGuard:
+    """sys.stdout for a script's run: once its reader has gone (`runs.py --suspects RUN | head`), what is printed is
+    dropped instead of raising BrokenPipeError, so the script still finishes its work (the run, the CSV files it
+    writes after printing) and exits as it would have. stdout's descriptor then points to /dev/null, so the
+    interpreter's last flush and processes started later find no broken pipe either."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.reader_gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self.drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.drop()
+
+    def drop(self) -> None:
+        self.reader_gone = True
+        with contextlib.suppress(OSError, ValueError):  # no descriptor (a StringIO in tests): nothing to redirect
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def error_chain(error: BaseException) -> list[BaseException]:
