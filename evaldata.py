@@ -163,5 +163,6 @@ def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any
         table, column, paths = dataset.read_image_csv(path, image_column or config.get("image_column"))
         return EvalImages(path, table[column].tolist(), paths, competition=False)
     raise UserError(
-        f"--data_dir {path} does not exist: pass an eval folder with info.csv, a folder of images or a CSV file"
+        f"{utils.given('--data_dir', path, 'SM_CHANNEL_EVAL')} does not exist: pass an eval folder with info.csv, a "
+        "folder of images or a CSV file"
     )

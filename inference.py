@@ -172,8 +172,7 @@ def check_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        origin = utils.value_origin("--output_dir", "SM_OUTPUT_DATA_DIR")
-        given = f"--output_dir {folder}" + (f" (from {origin})" if origin else "")
+        given = utils.given("--output_dir", folder, "SM_OUTPUT_DATA_DIR")
         raise UserError(f"{given} cannot be written ({e.strerror}): pass a writable folder") from None
 
 
@@ -219,7 +218,7 @@ def check_members(args: Namespace) -> list[rundir.Member]:
         newest = rundir.newest_run(utils.env_value("SM_MODEL_DIR", "./model"))
         print(f"Using the newest run: {newest}")
         model_dirs = [str(newest)]
-    members = rundir.resolve_members(model_dirs, args.weights, args.checkpoint)
+    members = rundir.resolve_members(model_dirs, args.weights, args.checkpoint, env="SM_CHANNEL_MODEL")
     for m in members:
         if args.resize and list(args.resize) != list(m.config["resize"]):
             raise UserError(

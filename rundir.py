@@ -167,7 +167,9 @@ def find_runs(root: Path) -> Iterator[tuple[Path, list[Path]]]:
             yield here, parts
 
 
-def checkpoints(entry: str | os.PathLike, which: str = "best", flag: str = "--model_dir") -> list[Path]:
+def checkpoints(
+    entry: str | os.PathLike, which: str = "best", flag: str = "--model_dir", env: str | None = None
+) -> list[Path]:
     """The checkpoint files one `flag` entry (inference's --model_dir, train.py's --teacher) stands for: a
     checkpoint file itself, the `{which}.pth` of each fold of a k-fold run directory, or the run directory's own."""
     path = Path(entry)
@@ -177,10 +179,11 @@ def checkpoints(entry: str | os.PathLike, which: str = "best", flag: str = "--mo
     if folds:
         return [f / f"{which}.pth" for f in folds]
     if not path.is_dir():
-        raise UserError(f"{flag} {path} does not exist: pass a run directory, a k-fold run or a .pth file")
+        given = utils.given(flag, path, env)
+        raise UserError(f"{given} does not exist: pass a run directory, a k-fold run or a .pth file")
     if not (path / CONFIG).is_file() and not (path / f"{which}.pth").is_file():
         raise UserError(
-            f"{flag} {path} has no config.json: pass a run directory written by train.py "
+            f"{utils.given(flag, path, env)} has no config.json: pass a run directory written by train.py "
             "(or a k-fold run directory holding fold0/, fold1/, ..., or a best.pth file)"
         )
     return [path / f"{which}.pth"]
@@ -247,7 +250,11 @@ class Member:
 
 
 def resolve_members(
-    model_dirs: Sequence[str], weights: Sequence[float] | None, which: str = "best", flag: str = "--model_dir"
+    model_dirs: Sequence[str],
+    weights: Sequence[float] | None,
+    which: str = "best",
+    flag: str = "--model_dir",
+    env: str | None = None,
 ) -> list[Member]:
     """Every checkpoint of an ensemble (inference's --model_dir, train.py's --teacher) with its normalized weight;
     checks the weights and that they share classes. An entry is a run directory, a k-fold run directory (its folds
@@ -261,7 +268,7 @@ def resolve_members(
         raise UserError(f"--weights {' '.join(f'{w:g}' for w in weights)}: need numbers >= 0 with a positive sum")
     members = []
     for entry, weight in zip(model_dirs, weights, strict=True):
-        paths = checkpoints(entry, which, flag)
+        paths = checkpoints(entry, which, flag, env)
         members += [Member(p, weight / len(paths) / sum(weights), member_config(p)) for p in paths]
     first = members[0]
     for other in members[1:]:

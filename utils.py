@@ -211,6 +211,13 @@ def env_int(name: str, default: int, flag: str, minimum: int = 0) -> int:
     raise UserError(f"{where}: {value!r} must be a whole number, {minimum} or more (it sets {flag}'s default)")
 
 
+def given(flag: str, value: Any, env: str | None) -> str:
+    """'FLAG VALUE' for an error message, with '(from $ENV)' or '(from ENV in /abs/.env)' when the value came from
+    there (`value_origin`): the user who never typed the flag learns what to change."""
+    origin = value_origin(flag, env)
+    return f"{flag} {value}" + (f" (from {origin})" if origin else "")
+
+
 def value_origin(flag: str, env: str | None, dotenv_path: str | os.PathLike = ".env") -> str:
     """Where the value of `flag` came from, for an error message: '' when the flag was given (or its default
     applies), else '$ENV' or 'ENV in /abs/.env': the place to change it."""
@@ -253,9 +260,8 @@ def make_dir(path: str | os.PathLike, flag: str, env: str | None = None) -> Path
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or reason(e))
         origin = value_origin(flag, env)
-        given = f"{flag} {path}" + (f" (from {origin})" if origin else "")
         change = f"pass another folder as {flag}" + (f" or change {origin}" if origin else "")
-        raise UserError(f"{given} cannot be created ({why}): {change}") from None
+        raise UserError(f"{given(flag, path, env)} cannot be created ({why}): {change}") from None
 
 
 def usable_cores() -> int:

@@ -146,3 +146,32 @@ def test_a_run_name_that_is_not_one_folder_name_is_refused(script, name, tmp_pat
     assert line == f"error: --name {name!r} must be one folder name (no '/', not '', '.' or '..'): the run goes in " \
         "--model_dir/NAME; to put runs elsewhere, pass --model_dir", line  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo_root, tmp_path_factory):
+    from conftest import tiny_run_args
+
+    cwd = tmp_path_factory.mktemp("run")
+    assert run_script("train.py", *tiny_run_args(demo_root), cwd=cwd).returncode == 0
+    return cwd / "model/exp"
+
+
+PATH_VARIABLES = [("train.py", "SM_CHANNEL_TRAIN", "--data_dir"), ("inference.py", "SM_CHANNEL_MODEL", "--model_dir"),
+                  ("inference.py", "SM_CHANNEL_EVAL", "--data_dir")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "name", "flag"), PATH_VARIABLES)
+@pytest.mark.parametrize("where", ["environment", ".env"])
+def test_a_path_that_does_not_exist_names_the_variable_it_came_from(script, name, flag, where, tiny_run, tmp_path):
+    """The user never typed the flag: the line says which variable (or which .env) to change."""
+    missing = tmp_path / "missing"
+    env = {name: str(missing)} if where == "environment" else {}
+    if where == ".env":
+        (tmp_path / ".env").write_text(f"{name}={missing}\n")
+    words = ["--model_dir", str(tiny_run)] if name == "SM_CHANNEL_EVAL" else []
+    line = one_error_line(run_script(script, *words, cwd=tmp_path, env=env))
+    origin = f"${name}" if where == "environment" else f"{name} in {tmp_path / '.env'}"
+    assert line.startswith(f"error: {flag} {missing} (from {origin}) does not exist"), line
+    given = one_error_line(run_script(script, *words, flag, str(missing), cwd=tmp_path, env=env))
+    assert given.startswith(f"error: {flag} {missing} does not exist"), given  # typed: nothing to add
