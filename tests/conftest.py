@@ -72,6 +72,15 @@ def run_script(
     return run_in_process(ROOT / script, list(args), cwd, clean)
 
 
+def one_error_line(result) -> str:
+    """The one error line of a script that stopped on a user mistake (exit code 2, no traceback)."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
 def run_in_process(script: Path, argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`python script argv...` executed here as `__main__` (runpy), with its own working directory, environment,
     sys.argv and warnings shown once as a new interpreter shows them; the process state is restored after."""

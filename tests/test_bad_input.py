@@ -23,7 +23,7 @@ import imaging
 import inference
 import train
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, one_error_line, run_script
 from utils import UserError
 
 FAST = ["--epochs", "1", "--resize", "64", "48", "--val_ratio", "0.25", "--batch_size", "16"]
@@ -37,14 +37,6 @@ def images(demo_root, tmp_path):
 
 def persons(images):
     return sorted(p for p in images.iterdir() if p.is_dir())
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 # --- image files ----------------------------------------------------------------------------------------

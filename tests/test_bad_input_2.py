@@ -11,15 +11,7 @@ import pytest
 from PIL import Image
 
 import utils
-from conftest import run_script, tiny_run_args
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+from conftest import one_error_line, run_script, tiny_run_args
 
 
 @pytest.fixture(scope="module")
