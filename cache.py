@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 import devices
+import settings
 import utils
 
 Decode = Callable[[str], np.ndarray]  # path -> HxWx3 uint8; raises on an unreadable file
@@ -205,7 +206,7 @@ class DiskCache:
         """Decode every image without an entry yet; with `bad` (another process of this machine built the entries
         and found these unreadable), decode none."""
         start = time.time()
-        self.root = utils.make_dir(root, "--cache_dir", "CACHE_DIR")
+        self.root = settings.make_dir(root, "--cache_dir", "CACHE_DIR")
         self.paths, self.size, self.decode = list(paths), tuple(size), decode
         self.files = [self.entry(p, size) for p in paths]
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-import utils
+import settings
 from labels import GENDER_NAMES, MASK_FILES, age_band, encode
 from utils import UserError
 
@@ -186,7 +186,7 @@ def resolve_train_dir(data_dir: str | None, files_ok: bool = False) -> Path:
             return Path(data_dir)
         if not Path(data_dir).is_dir():
             problem = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
-            given = utils.given("--data_dir", data_dir, "SM_CHANNEL_TRAIN")
+            given = settings.given("--data_dir", data_dir, "SM_CHANNEL_TRAIN")
             raise UserError(f"{given} {problem}: pass the folder of person folders (train/images)")
         return Path(data_dir)
     if Path(DEFAULT_TRAIN_DIR).is_dir():

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 import dataset
 import imaging
+import settings
 import utils
 from utils import UserError
 
@@ -163,6 +164,6 @@ def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any
         table, column, paths = dataset.read_image_csv(path, image_column or config.get("image_column"))
         return EvalImages(path, table[column].tolist(), paths, competition=False)
     raise UserError(
-        f"{utils.given('--data_dir', path, 'SM_CHANNEL_EVAL')} does not exist: pass an eval folder with info.csv, a "
+        f"{settings.given('--data_dir', path, 'SM_CHANNEL_EVAL')} does not exist: pass an eval folder with info.csv, a "
         "folder of images or a CSV file"
     )

@@ -35,6 +35,7 @@ import imaging
 import predict
 import pseudo
 import rundir
+import settings
 import subset
 import utils
 from utils import UserError
@@ -56,7 +57,7 @@ def add_run_flags(g: argparse._ArgumentGroup) -> None:
         "--model_dir",
         nargs="+",
         metavar="RUN",
-        default=utils.env_value("SM_CHANNEL_MODEL"),
+        default=settings.env_value("SM_CHANNEL_MODEL"),
         help="run directory(ies) written by train.py, or checkpoint files (a best.pth copied anywhere rebuilds its "
         "model alone); a k-fold run directory stands for its fold0/, fold1/, ... runs. Several: their class "
         "probabilities are averaged [$SM_CHANNEL_MODEL (one directory); when "
@@ -86,7 +87,7 @@ def add_run_flags(g: argparse._ArgumentGroup) -> None:
 def add_data_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--data_dir",
-        default=utils.env_value("SM_CHANNEL_EVAL"),
+        default=settings.env_value("SM_CHANNEL_EVAL"),
         help="eval data: a folder with info.csv and images/ (the competition layout), else any folder of images "
         "(searched recursively; ImageID = path inside it) or a CSV file with a column of image paths "
         f"(relative to the CSV's folder) [$SM_CHANNEL_EVAL; when unset: {DEFAULT_EVAL_DIR} if it exists, else "
@@ -111,7 +112,7 @@ def add_data_flags(g: argparse._ArgumentGroup) -> None:
 def add_output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--output_dir",
-        default=utils.env_value("SM_OUTPUT_DATA_DIR", "./output"),
+        default=settings.env_value("SM_OUTPUT_DATA_DIR", "./output"),
         help="where output.csv (and probs.csv) are written [$SM_OUTPUT_DATA_DIR]",
     )
     g.add_argument(
@@ -141,7 +142,7 @@ def add_runtime_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--num_workers",
         type=int,
-        default=utils.env_int("NUM_WORKERS", utils.default_num_workers(), "--num_workers"),
+        default=settings.env_int("NUM_WORKERS", utils.default_num_workers(), "--num_workers"),
         help="data loader processes [$NUM_WORKERS]",
     )
 
@@ -167,12 +168,12 @@ def resolve_eval_dir(data_dir: str | None, config: dict[str, Any]) -> Path:
 # Output.
 def check_writable(folder: Path) -> None:
     """Fail before any work when the submission could not be written."""
-    utils.make_dir(folder, "--output_dir", "SM_OUTPUT_DATA_DIR")
+    settings.make_dir(folder, "--output_dir", "SM_OUTPUT_DATA_DIR")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        given = utils.given("--output_dir", folder, "SM_OUTPUT_DATA_DIR")
+        given = settings.given("--output_dir", folder, "SM_OUTPUT_DATA_DIR")
         raise UserError(f"{given} cannot be written ({e.strerror}): pass a writable folder") from None
 
 
@@ -203,10 +204,10 @@ def write_probs(path: Path, image_ids: list[str], probs: np.ndarray, class_names
     utils.atomic_write(path, lambda f: table.to_csv(f, index=False))
 
 
-RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils.check_ranges)
+RANGES: dict[str, settings.Range] = {  # every numeric flag: what it must be (settings.check_ranges)
     "weights": ("0 or more, with a positive sum", lambda v: v >= 0),
     "resize": ("at least 8 pixels", lambda v: v >= 8),
-    "batch_size": utils.at_least(1),
+    "batch_size": settings.at_least(1),
     "num_workers": ("0 or more", lambda v: v >= 0),
 }
 
@@ -215,7 +216,7 @@ def check_members(args: Namespace) -> list[rundir.Member]:
     # $SM_CHANNEL_MODEL gives one directory; the flag gives a list.
     model_dirs = [args.model_dir] if isinstance(args.model_dir, str) else list(args.model_dir or [])
     if not model_dirs:
-        newest = rundir.newest_run(utils.env_value("SM_MODEL_DIR", "./model"))
+        newest = rundir.newest_run(settings.env_value("SM_MODEL_DIR", "./model"))
         print(f"Using the newest run: {newest}")
         model_dirs = [str(newest)]
     members = rundir.resolve_members(model_dirs, args.weights, args.checkpoint, env="SM_CHANNEL_MODEL")
@@ -311,7 +312,7 @@ def predict_member(
 
 
 def main(args: Namespace) -> Path:
-    utils.check_ranges(args, RANGES)
+    settings.check_ranges(args, RANGES)
     members = check_members(args)
     config = members[0].config
     images = evaldata.find_eval_images(resolve_eval_dir(args.data_dir, config), args.image_column, config)

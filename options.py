@@ -20,6 +20,7 @@ import loss as loss_module
 import model as model_module
 import rundir
 import schedule
+import settings
 import splits
 import utils
 from utils import UserError
@@ -34,7 +35,7 @@ def dataset_classes() -> dict[str, type]:
 def add_data_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--data_dir",
-        default=utils.env_value("SM_CHANNEL_TRAIN"),
+        default=settings.env_value("SM_CHANNEL_TRAIN"),
         help=f"folder of person folders [$SM_CHANNEL_TRAIN; when unset: {demo.DEFAULT_TRAIN_DIR} if it "
         f"exists, else the demo data in {demo.DEMO_DIR}, generated once]",
     )
@@ -129,7 +130,7 @@ def add_loader_flags(data: argparse._ArgumentGroup) -> None:
     )
     data.add_argument(
         "--cache_dir",
-        default=utils.env_value("CACHE_DIR", "./cache"),
+        default=settings.env_value("CACHE_DIR", "./cache"),
         help="folder of the disk cache [$CACHE_DIR]",
     )
     data.add_argument(
@@ -147,7 +148,7 @@ def add_loader_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--prefetch_factor",
         type=int,
-        default=utils.env_int("PREFETCH_FACTOR", 2, "--prefetch_factor", minimum=1),
+        default=settings.env_int("PREFETCH_FACTOR", 2, "--prefetch_factor", minimum=1),
         help="batches each worker prepares ahead [$PREFETCH_FACTOR]",
     )
     data.add_argument(
@@ -173,7 +174,7 @@ def add_loader_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--num_workers",
         type=int,
-        default=utils.env_int("NUM_WORKERS", utils.default_num_workers(), "--num_workers"),
+        default=settings.env_int("NUM_WORKERS", utils.default_num_workers(), "--num_workers"),
         help="data loader processes [$NUM_WORKERS; default: CPU cores - 1, at most 8]",
     )
 
@@ -365,7 +366,7 @@ def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     )
     run.add_argument(
         "--model_dir",
-        default=utils.env_value("SM_MODEL_DIR", "./model"),
+        default=settings.env_value("SM_MODEL_DIR", "./model"),
         help="where run directories are created [$SM_MODEL_DIR]",
     )
     run.add_argument(
@@ -409,23 +410,23 @@ def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     )
 
 
-FLAG_RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be
-    "n_splits": utils.at_least(2),
+FLAG_RANGES: dict[str, settings.Range] = {  # every numeric flag: what it must be
+    "n_splits": settings.at_least(2),
     "val_ratio": ("between 0 and 1 (e.g. 0.2)", lambda v: 0 < v < 1),
-    "age_bounds": utils.at_least(1),
-    "train_age_bounds": utils.at_least(1),
+    "age_bounds": settings.at_least(1),
+    "train_age_bounds": settings.at_least(1),
     "age_sigma": ("0 (off) or more years", lambda v: v >= 0),
-    "prefetch_factor": utils.at_least(1),
+    "prefetch_factor": settings.at_least(1),
     "resize": ("at least 8 pixels", lambda v: v >= 8),
     "num_workers": ("0 or more", lambda v: v >= 0),
-    "epochs": utils.at_least(1),
-    "batch_size": utils.at_least(1),
-    "valid_batch_size": utils.at_least(1),
+    "epochs": settings.at_least(1),
+    "batch_size": settings.at_least(1),
+    "valid_batch_size": settings.at_least(1),
     "lr": ("positive", lambda v: v > 0),
     "weight_decay": ("0 or more", lambda v: v >= 0),
     "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "warmup_epochs": ("0 (off) or more", lambda v: v >= 0),
-    "lr_decay_step": utils.at_least(1),
+    "lr_decay_step": settings.at_least(1),
     "gamma": ("in (0, 1], the factor the rate is multiplied by", lambda v: 0 < v <= 1),
     "task_weights": ("0 or more", lambda v: v >= 0),
     "ema": ("a decay in [0, 1), e.g. 0.999 (0: off)", lambda v: 0 <= v < 1),
@@ -435,7 +436,7 @@ FLAG_RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be
     "kd_temperature": ("positive", lambda v: v > 0),
     "pseudo_threshold": ("a probability in (0, 1]", lambda v: 0 < v <= 1),
     "pseudo_max_share": ("positive (a share of the training split's size)", lambda v: v > 0),
-    "grad_accum": utils.at_least(1),
+    "grad_accum": settings.at_least(1),
     "clip_grad": ("0 (off) or more", lambda v: v >= 0),
     "mixup": ("0 (off) or more", lambda v: v >= 0),
     "cutmix": ("0 (off) or more", lambda v: v >= 0),
@@ -464,7 +465,7 @@ def check_soft_targets(args: Namespace) -> None:
 
 def check_args(args: Namespace) -> None:
     """Reject impossible flags and unknown names before any data is read."""
-    utils.check_ranges(args, FLAG_RANGES)
+    settings.check_ranges(args, FLAG_RANGES)
     if args.task_weights is not None and not sum(args.task_weights) > 0:
         raise UserError(f"--task_weights {' '.join(map(str, args.task_weights))}: at least one must be above 0")
     if args.swa_start > args.epochs:

@@ -28,6 +28,7 @@ import torch
 import augmentation
 import labels
 import model as model_module
+import settings
 import utils
 from utils import UserError
 
@@ -75,7 +76,7 @@ def increment_path(path: str | os.PathLike) -> Path:
     `mkdir` without `exist_ok` is atomic, so two runs started at once still get different directories.
     """
     path = Path(path)
-    utils.make_dir(path.parent, "--model_dir", "SM_MODEL_DIR")
+    settings.make_dir(path.parent, "--model_dir", "SM_MODEL_DIR")
     n = 1
     while True:
         candidate = path if n == 1 else path.with_name(f"{path.name}{n}")
@@ -179,11 +180,11 @@ def checkpoints(
     if folds:
         return [f / f"{which}.pth" for f in folds]
     if not path.is_dir():
-        given = utils.given(flag, path, env)
+        given = settings.given(flag, path, env)
         raise UserError(f"{given} does not exist: pass a run directory, a k-fold run or a .pth file")
     if not (path / CONFIG).is_file() and not (path / f"{which}.pth").is_file():
         raise UserError(
-            f"{utils.given(flag, path, env)} has no config.json: pass a run directory written by train.py "
+            f"{settings.given(flag, path, env)} has no config.json: pass a run directory written by train.py "
             "(or a k-fold run directory holding fold0/, fold1/, ..., or a best.pth file)"
         )
     return [path / f"{which}.pth"]

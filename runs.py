@@ -31,6 +31,7 @@ import pandas as pd
 
 import labels
 import rundir
+import settings
 import utils
 from utils import UserError
 
@@ -60,7 +61,7 @@ def get_parser() -> argparse.ArgumentParser:
     table.add_argument(
         "model_dir",
         nargs="?",
-        default=utils.env_value("SM_MODEL_DIR", "./model"),
+        default=settings.env_value("SM_MODEL_DIR", "./model"),
         metavar="MODEL_DIR",
         help="folder searched (recursively) for run directories [$SM_MODEL_DIR]",
     )
@@ -539,14 +540,14 @@ def cam_figures(run_dir: Path, n: int, device: str = "auto") -> list[Path]:
     return written
 
 
-RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils.check_ranges)
+RANGES: dict[str, settings.Range] = {  # every numeric flag: what it must be (settings.check_ranges)
     "min_share": ("above 0 and at most 1 (e.g. 0.8)", lambda v: 0 < v <= 1),
     "images": ("at least 1 (images per class, right and wrong each)", lambda v: v >= 1),
 }
 
 
 def main(args: Namespace) -> pd.DataFrame:
-    utils.check_ranges(args, RANGES)
+    settings.check_ranges(args, RANGES)
     if args.suspects is not None:
         return report_suspects(Path(args.suspects), args.min_share, args.method)
     if args.cam is not None:

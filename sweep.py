@@ -31,6 +31,7 @@ import engine
 import options
 import report
 import rundir
+import settings
 import train
 import utils
 from utils import UserError
@@ -48,7 +49,7 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default="sweep", help="the study's name and its folder under --model_dir; the same name "
                    "continues the study")  # fmt: skip
-    p.add_argument("--model_dir", default=utils.env_value("SM_MODEL_DIR", "./model"),
+    p.add_argument("--model_dir", default=settings.env_value("SM_MODEL_DIR", "./model"),
                    help="where the sweep folder is created [$SM_MODEL_DIR]")  # fmt: skip
     p.add_argument("--data_dir", default=None, help="train.py's --data_dir for every trial [$SM_CHANNEL_TRAIN]")
     p.add_argument("--trials", type=int, default=20, help="finished trials (complete or pruned) the study ends with, "
@@ -240,7 +241,7 @@ def open_storage(url: str | None, sweep_dir: Path) -> Any:
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(url).expanduser()
-    utils.make_dir(path.resolve().parent, "--storage", "the journal file's folder")
+    settings.make_dir(path.resolve().parent, "--storage", "the journal file's folder")
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
@@ -517,8 +518,8 @@ def summary(study: Any, sweep_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils.check_ranges)
-    "trials": utils.at_least(1),
+RANGES: dict[str, settings.Range] = {  # every numeric flag: what it must be (settings.check_ranges)
+    "trials": settings.at_least(1),
     "prune_warmup": ("0 or more", lambda v: v >= 0),
     "prune_startup": ("0 or more", lambda v: v >= 0),
     "seed": ("0 or more (numpy takes no negative seed)", lambda v: 0 <= v < 2**32),
@@ -526,7 +527,7 @@ RANGES: dict[str, utils.Range] = {  # every numeric flag: what it must be (utils
 
 
 def main(args: Namespace) -> Any:
-    utils.check_ranges(args, RANGES)
+    settings.check_ranges(args, RANGES)
     rundir.check_run_name(args.name)
     if not args.space:
         raise UserError(f"--space is missing: what to search, each {FORMS} (e.g. --space lr=log:1e-4:1e-2)")
@@ -534,7 +535,7 @@ def main(args: Namespace) -> Any:
     space = parse_space(args.space, base)
     eval_metric = parse_train(base).eval_metric
     direction = "minimize" if eval_metric == "loss" else "maximize"
-    sweep_dir = utils.make_dir(Path(args.model_dir) / args.name, "--model_dir", "SM_MODEL_DIR")
+    sweep_dir = settings.make_dir(Path(args.model_dir) / args.name, "--model_dir", "SM_MODEL_DIR")
     study = open_study(args, sweep_dir, direction)
     try:
         recover_stale(study)

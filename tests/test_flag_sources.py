@@ -9,8 +9,8 @@ import importlib
 import pytest
 
 import options
-import utils
-from conftest import run_script
+import settings
+from conftest import one_error_line, run_script, tiny_run_args
 
 SCRIPTS = {"train.py": "options", "inference.py": "inference", "runs.py": "runs", "sweep.py": "sweep"}
 RANGES = {"train.py": "FLAG_RANGES", "inference.py": "RANGES", "runs.py": "RANGES", "sweep.py": "RANGES"}
@@ -30,14 +30,6 @@ def ranges_of(script: str) -> dict:
 
 def numeric_actions(script: str) -> dict:
     return {a.dest: a for a in parser_of(script)._actions if a.type in (int, float)}
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def nothing_written(cwd) -> bool:
@@ -122,11 +114,11 @@ def test_values_from_the_environment_and_dotenv_still_work(tmp_path, monkeypatch
     monkeypatch.delenv("NUM_WORKERS", raising=False)
     monkeypatch.delenv("SM_MODEL_DIR", raising=False)
     (tmp_path / ".env").write_text("# comment\nNUM_WORKERS=3\nSM_MODEL_DIR='runs here'  # the runs\n")
-    assert utils.env_int("NUM_WORKERS", 7, "--num_workers") == 3
-    assert utils.env_value("SM_MODEL_DIR", "./model") == "runs here"
-    assert utils.env_value("SM_CHANNEL_EVAL", "./eval") == "./eval"
+    assert settings.env_int("NUM_WORKERS", 7, "--num_workers") == 3
+    assert settings.env_value("SM_MODEL_DIR", "./model") == "runs here"
+    assert settings.env_value("SM_CHANNEL_EVAL", "./eval") == "./eval"
     monkeypatch.setenv("NUM_WORKERS", "0")  # a real environment variable wins over .env
-    assert utils.env_int("NUM_WORKERS", 7, "--num_workers") == 0
+    assert settings.env_int("NUM_WORKERS", 7, "--num_workers") == 0
     assert options.FLAG_RANGES["num_workers"][1](0)
 
 
@@ -150,8 +142,6 @@ def test_a_run_name_that_is_not_one_folder_name_is_refused(script, name, tmp_pat
 
 @pytest.fixture(scope="module")
 def tiny_run(demo_root, tmp_path_factory):
-    from conftest import tiny_run_args
-
     cwd = tmp_path_factory.mktemp("run")
     assert run_script("train.py", *tiny_run_args(demo_root), cwd=cwd).returncode == 0
     return cwd / "model/exp"
