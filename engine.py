@@ -38,6 +38,7 @@ import predict
 import report
 import rundir
 import schedule as schedule_module
+import splits
 import subset as subset_module
 import utils
 from loop import EpochSampler, LoopSettings, make_loader, train_one_epoch
@@ -568,6 +569,9 @@ def fit(
         f"Data: {config['data_dir']} | {len(data)} images, {len(split.train_set)} train / {len(split.val_set)} val "
         f"({kind}) | device {device}{f' x {world} processes' if world > 1 else ''}"
     )
+    class_names = getattr(data, "class_names", [])
+    if warning := splits.unlearnt_classes_warning(split.train_set.targets, split.val_set.targets, class_names):
+        print(warning, file=sys.stderr)
     state = build_state(config, split, data.num_classes, device, world)
     state.folds_left = [f for f in folds_left if f is not None]
     if checkpoint is not None:

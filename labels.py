@@ -196,6 +196,10 @@ def read_label_fixes(path: str | os.PathLike) -> list[LabelFix]:
             if not value:
                 raise UserError(f"{name} row {row}: no {column}; write id,field,value or delete the row")
         fixes.append(LabelFix(row, values[0], values[1].lower(), values[2]))
+    if not fixes:
+        raise UserError(
+            f"{name} has a header and no fixes: add one id,field,value row per fix, or train without --label_fixes"
+        )
     return fixes
 
 

@@ -107,3 +107,17 @@ def rarest_class_strata(groups: Sequence[Any], labels: np.ndarray) -> np.ndarray
     best = np.full(inverse.max() + 1, np.iinfo(np.int64).max)
     np.minimum.at(best, inverse, key)
     return best[inverse] % n_classes
+
+
+def unlearnt_classes_warning(train_labels: Sequence[int], val_labels: Sequence[int], class_names: Sequence[str]) -> str:
+    """A warning line when validation holds classes the training split has no image of (a high --val_ratio, a
+    small data set, a fold of a rare class), or '' when training sees every class validation asks for."""
+    missing = sorted(set(np.asarray(val_labels).tolist()) - set(np.asarray(train_labels).tolist()))
+    if not missing:
+        return ""
+    names = ", ".join(str(class_names[c]) if c < len(class_names) else str(c) for c in missing[:3])
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return (
+        f"warning: {len(missing)} class(es) in validation have no training image ({names}{more}); the model cannot "
+        "learn them: lower --val_ratio or --n_splits, or add images of them"
+    )

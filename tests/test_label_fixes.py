@@ -158,6 +158,12 @@ def test_a_file_that_is_not_a_fix_list_is_named(tmp_path):
     bad_header = write_fixes(tmp_path / "fixes.csv", "000001,male", header="# fixes\nid,gender")
     with pytest.raises(UserError, match=r"fixes.csv row 2: the header must name the columns id,field,value"):
         dataset.MaskBaseDataset(root, label_fixes=bad_header)
+    # Every row deleted (the template with none confirmed) would train as if the file had not been given.
+    header_only = write_fixes(tmp_path / "fixes.csv", "# none confirmed", "")
+    with pytest.raises(UserError, match=r"fixes.csv has a header and no fixes: add one id,field,value row"):
+        dataset.MaskBaseDataset(root, label_fixes=header_only)
+    with pytest.raises(UserError, match=r"fixes.csv is empty"):
+        dataset.MaskBaseDataset(root, label_fixes=write_fixes(tmp_path / "fixes.csv", header=""))
 
 
 def test_the_split_follows_the_fixed_gender(tmp_path):

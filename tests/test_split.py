@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 import dataset
 import splits
+from conftest import run_script, tiny_run_args
 
 
 def _synthetic(n_persons=200, seed=0):
@@ -58,3 +60,20 @@ def test_image_split_is_exact_and_leaks_persons_as_documented(demo_root):
     assert len(set(train) | set(val)) == len(data)
     persons = np.asarray(data.persons)
     assert set(persons[train]) & set(persons[val])  # the reason MaskSplitByProfileDataset is the default
+
+
+def test_classes_validation_has_and_training_lacks_are_named():
+    names = [f"c{i}" for i in range(6)]
+    assert splits.unlearnt_classes_warning([0, 1, 2, 2], [2, 1, 0, 0], names) == ""
+    line = splits.unlearnt_classes_warning([0], [0, 1, 3, 4, 5, 5], names)
+    assert line.startswith("warning: 4 class(es) in validation have no training image (c1, c3, c4 and 1 more)")
+    assert "lower --val_ratio" in line
+
+
+def test_a_split_that_leaves_classes_out_of_training_warns(demo_root, tmp_path):
+    """--val_ratio 0.9 of 12 persons trains on one person: three of the 18 classes at most, and the run says so."""
+    high = run_script("train.py", *tiny_run_args(demo_root, "--val_ratio", "0.9"), cwd=tmp_path)
+    assert high.returncode == 0, high.stderr
+    assert re.search(r"^warning: 1[0-9] class\(es\) in validation have no training image \(", high.stderr, re.M)
+    usual = run_script("train.py", *tiny_run_args(demo_root, "--name", "usual"), cwd=tmp_path)
+    assert usual.returncode == 0 and "no training image" not in usual.stderr
