@@ -16,7 +16,7 @@ import sys
 from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -93,14 +93,35 @@ def recipe_argv(path: str) -> list[str]:
         print(f"--config {path}: ignoring what describes the data, measured again: {', '.join(facts)}", file=sys.stderr)
     words: list[str] = []
     for key, value in values.items():
-        if key in facts or key in ("config", "resume") or value is None:
-            continue
-        if isinstance(value, bool):
-            words.append(f"--{key}" if value else f"--no-{key}")
-        elif isinstance(value, list):
-            words += [f"--{key}", *map(str, value)]
-        else:
-            words += [f"--{key}", str(value)]
+        if key in facts or key in ("config", "resume") or (value is None and flags[key] is None):
+            continue  # null where the flag's default is None (a run's config.json): the default
+        words += recipe_words(path, key, value, flags[key])
+    return words
+
+
+def recipe_words(path: str, key: str, value: Any, default: Any) -> list[str]:
+    """One recipe pair as command-line words, checked by train.py's own parser: a value it refuses (a list for a
+    one-value flag, `epochs:` left empty, a word for a number) is a `UserError` naming the file and the pair."""
+    if value is None:
+        raise UserError(f"--config {path}: '{key}' has no value; write one (the default is {default!r}) or delete it")
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise UserError(f"--config {path}: '{key}: {value}' is refused: {key} takes true or false")
+    if isinstance(value, bool):
+        words = [f"--{key}" if value else f"--no-{key}"]
+    elif isinstance(value, list):
+        words = [f"--{key}", *map(str, value)]
+    else:
+        words = [f"--{key}", str(value)]
+    parser = get_parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise UserError(
+            f"--config {path}: '{key}: {value}' is refused ({message}); fix the value (python train.py --help lists "
+            "the flags)"
+        )
+
+    parser.error = refuse  # type: ignore[method-assign]
+    parser.parse_args(words)
     return words
 
 

@@ -16,6 +16,7 @@ import engine
 import train
 import utils
 from conftest import run_script, tiny_run_args
+from utils import UserError
 
 
 def flags(demo_root, tmp_path, *extra: str) -> list[str]:
@@ -195,6 +196,31 @@ def test_yaml_recipes_set_defaults_and_bad_recipes_exit_2(demo_root, tmp_path):
     assert "flag: value pairs" in one_error_line(run_script("train.py", "--config", "list.yaml", cwd=tmp_path))
     missing = one_error_line(run_script("train.py", "--config", "nope.yaml", cwd=tmp_path))
     assert "--config nope.yaml does not exist" in missing
+
+
+BAD_RECIPE_VALUES = {
+    "epochs: [1, 2]": "'epochs: [1, 2]' is refused (unrecognized arguments: 2)",
+    "epochs:": "'epochs' has no value; write one (the default is 24) or delete it",
+    "epochs: {a: 1}": "'epochs: {'a': 1}' is refused (argument --epochs: invalid int value",
+    "epochs: true": "'epochs: True' is refused (argument --epochs: expected one argument)",
+    "lr: fast": "'lr: fast' is refused (argument --lr: invalid float value: 'fast')",
+    "amp: 3": "'amp: 3' is refused (argument --amp: invalid choice: '3'",
+    "resize: 32": "'resize: 32' is refused (argument --resize: expected 2 arguments)",
+    "channels_last: 3": "'channels_last: 3' is refused: channels_last takes true or false",
+}
+
+
+@pytest.mark.parametrize("line", sorted(BAD_RECIPE_VALUES))
+def test_a_recipe_value_train_py_would_refuse_names_the_file_and_the_pair(tmp_path, line):
+    """Every value is checked by train.py's own parser: a left-out value no longer trains with the default."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"lr: 0.01\n{line}\n")
+    with pytest.raises(UserError) as error:
+        train.parse_args(["--config", str(recipe)])
+    assert str(error.value).startswith(f"--config {recipe}: {BAD_RECIPE_VALUES[line]}")
+    recipe.write_text("lr: 0.01\npretrained_path: null\nmodel: [BaseModel]\n")  # null: a default of None
+    args = train.parse_args(["--config", str(recipe)])
+    assert (args.lr, args.pretrained_path, args.model) == (0.01, None, "BaseModel")
 
 
 def test_run_state_round_trips_through_its_state_dict():
