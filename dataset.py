@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 import imaging
 import labels
+import settings
 import splits
 import utils
 from utils import UserError
@@ -69,7 +70,10 @@ def index_mask_folder(data_dir: str | os.PathLike) -> MaskIndex:
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data directory {data_dir} does not exist: pass --data_dir or set SM_CHANNEL_TRAIN")
+        raise UserError(
+            f"data directory {data_dir} {settings.missing(data_dir, folder=True)}: pass --data_dir or set "
+            "SM_CHANNEL_TRAIN"
+        )
     check_layout_level(data_dir)
     rows, bad, missing, extra = [], [], [], []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p)):
@@ -359,7 +363,10 @@ class ImageFolderDataset(Dataset):
         """Index the class folders (recursively, hidden files skipped); warn about non-images and empty classes."""
         root = self.data_dir
         if not root.is_dir():
-            raise UserError(f"data directory {root} does not exist: pass --data_dir (a folder of class folders)")
+            raise UserError(
+                f"data directory {root} {settings.missing(root, folder=True)}: pass --data_dir (a folder of class "
+                "folders)"
+            )
         others, empty = [], []
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p)):
             files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_hidden(p, folder))
@@ -485,7 +492,10 @@ class CSVDataset(ImageFolderDataset):
         path = find_csv(self.data_dir)
         root = self.image_root = self.image_root or path.parent
         if not root.is_dir():
-            raise UserError(f"--image_root {root} does not exist: pass the folder the CSV's paths are relative to")
+            raise UserError(
+                f"--image_root {root} {settings.missing(root, folder=True)}: pass the folder the CSV's paths are "
+                "relative to"
+            )
         columns = {self.label_column: "--label_column", self.group_column: "--group_column"}
         fix = "fix the paths or pass --image_root (the folder they are relative to)"
         table, _, self.image_paths = read_image_csv(path, self.image_column, root, fix, columns)

@@ -185,7 +185,7 @@ def resolve_train_dir(data_dir: str | None, files_ok: bool = False) -> Path:
         if files_ok and Path(data_dir).is_file():
             return Path(data_dir)
         if not Path(data_dir).is_dir():
-            problem = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
+            problem = settings.missing(data_dir, folder=True)
             given = settings.given("--data_dir", data_dir, "SM_CHANNEL_TRAIN")
             raise UserError(f"{given} {problem}: pass the folder of person folders (train/images)")
         return Path(data_dir)

@@ -35,7 +35,10 @@ class TestDataset(Dataset):
         self.eval_dir = Path(eval_dir)
         info_path = self.eval_dir / "info.csv"
         if not info_path.is_file():
-            raise UserError(f"{info_path} does not exist: pass the eval directory (with info.csv) as --data_dir")
+            raise UserError(
+                f"{info_path} {settings.missing(info_path, folder=False)}: pass the eval directory (with info.csv) as "
+                "--data_dir"
+            )
         self.info = read_id_table(info_path, (), "restore the competition's info.csv")
         self.image_ids = self.info["ImageID"].tolist()
         self.image_paths = [self.eval_dir / "images" / i for i in self.image_ids]
@@ -141,10 +144,11 @@ def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any
     """The images of `path` in the competition layout (info.csv), a folder of images, or a CSV of image paths
     (column `image_column`, else the run's: `config` is its config.json)."""
     if path.is_dir() and ((path / "info.csv").is_file() or (path / "images").is_dir()):
-        if not (path / "info.csv").is_file():  # the competition layout without its list of images
+        info = path / "info.csv"
+        if not info.is_file():  # the competition layout without its list of images
             raise UserError(
-                f"{path / 'info.csv'} does not exist: pass the eval directory (with info.csv) as --data_dir, or "
-                f"{path / 'images'} to predict every image in it"
+                f"{info} {settings.missing(info, folder=False)}: pass the eval directory (with info.csv) as "
+                f"--data_dir, or {path / 'images'} to predict every image in it"
             )
         test_set = TestDataset(path)
         if not test_set.image_ids:  # a submission of no rows would be a silent zero score

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import settings
 import utils
 from utils import UserError
 
@@ -224,7 +225,9 @@ def class_from_file(spec: str, flag: str = "--model") -> type:
     path, _, name = spec.rpartition(":")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"{flag} {spec}: the file {file} does not exist; give path/to/file.py:ClassName")
+        raise UserError(
+            f"{flag} {spec}: the file {file} {settings.missing(file, folder=False)}; give path/to/file.py:ClassName"
+        )
     module_name = f"_user_model_{abs(hash(str(file.resolve())))}"
     module = sys.modules.get(module_name)
     if module is None:
@@ -357,7 +360,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--pretrained_path {path} does not exist: give the path of a local weights file")
+        raise UserError(
+            f"--pretrained_path {path} {settings.missing(path, folder=False)}: give the path of a local weights file"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

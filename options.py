@@ -514,9 +514,10 @@ def check_args(args: Namespace) -> None:
         valid = [n for n in loss_module.criterion_names() if loss_module.accepts_class_weights(n)]
         raise UserError(f"--class_weights: --criterion {args.criterion} takes no class weights; use {', '.join(valid)}")
     if args.label_fixes and not Path(args.label_fixes).is_file():
-        problem = "is a folder" if Path(args.label_fixes).is_dir() else "does not exist"
+        problem = settings.missing(args.label_fixes, folder=False)
         raise UserError(f"--label_fixes {args.label_fixes} {problem}: give a CSV file of id,field,value rows")
     if args.pretrained_path and not Path(args.pretrained_path).is_file():
         raise UserError(
-            f"--pretrained_path {args.pretrained_path} does not exist: give the path of a local weights file"
+            f"--pretrained_path {args.pretrained_path} {settings.missing(args.pretrained_path, folder=False)}: give "
+            "the path of a local weights file"
         )

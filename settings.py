@@ -110,6 +110,17 @@ def check_ranges(args: Any, ranges: dict[str, Range]) -> None:
             raise UserError(f"--{flag} {shown} must be {rule}" + (" (each)" if len(values) > 1 else ""))
 
 
+def missing(path: str | os.PathLike, folder: bool) -> str:
+    """Why `path` is not the folder (or file) a flag wants: 'is a file, not a folder', 'is a folder, not a file',
+    or 'does not exist' (a broken link too)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    if not folder and path.is_dir():
+        return "is a folder, not a file"
+    return "does not exist"
+
+
 def make_dir(path: str | os.PathLike, flag: str, env: str | None = None) -> Path:
     """Create folder `path` (and its parents) for `flag`, or one line naming the flag, where its value was set,
     and what is in the way."""

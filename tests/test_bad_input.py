@@ -19,6 +19,7 @@ from PIL import Image
 
 import cache
 import dataset
+import evaldata
 import imaging
 import inference
 import train
@@ -326,3 +327,42 @@ def test_damaged_config_json(run_dir, eval_dir, tmp_path):
     (damaged / "config.json").write_text('{"model": "BaseModel", "num_cl')  # cut off mid-write by hand-editing
     line = one_error_line(infer(damaged, eval_dir, tmp_path))
     assert f"{damaged / 'config.json'} is damaged" in line
+
+
+# --- a path of the wrong kind: a file where a folder is wanted, or a folder where a file is ------------------------
+WRONG_KIND = {
+    "train --data_dir file": (["train.py", "--data_dir", "FILE"], "--data_dir FILE is a file, not a folder"),
+    "runs.py file": (["runs.py", "FILE"], "FILE is a file, not a folder"),
+    "csv --image_root file": (
+        ["train.py", "--dataset", "CSVDataset", "--data_dir", "labels.csv", "--image_root", "FILE"],
+        "--image_root FILE is a file, not a folder",
+    ),
+    "train --config folder": (["train.py", "--config", "DIR"], "--config DIR is a folder, not a file"),
+    "train --label_fixes folder": (["train.py", "--label_fixes", "DIR"], "--label_fixes DIR is a folder, not a file"),
+    "train --pretrained_path folder": (
+        ["train.py", "--pretrained_path", "DIR"],
+        "--pretrained_path DIR is a folder, not a file",
+    ),
+    "train --pseudo_labels folder": (["train.py", "--pseudo_labels", "DIR"], "DIR is a folder, not a file"),
+    "train --backbone folder": (["train.py", "--backbone", "DIR.py:Net"], "the file DIR.py is a folder, not a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_KIND))
+def test_a_path_of_the_wrong_kind_says_which_kind_it_is(case, tmp_path):
+    """'does not exist' sent users looking for a typo in a path that is there: the line says what it is instead."""
+    (tmp_path / "FILE").write_text("x\n")
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "DIR.py").mkdir()
+    (tmp_path / "labels.csv").write_text("path,label\na.png,x\n")
+    script, *args = WRONG_KIND[case][0]
+    line = one_error_line(run_script(script, *args, cwd=tmp_path))
+    assert WRONG_KIND[case][1] in line, line
+    assert "does not exist" not in line
+
+
+def test_an_eval_folder_whose_info_csv_is_a_folder_says_so(tmp_path):
+    (tmp_path / "eval/info.csv").mkdir(parents=True)
+    (tmp_path / "eval/images").mkdir()
+    with pytest.raises(UserError, match=r"eval/info.csv is a folder, not a file: pass the eval directory"):
+        evaldata.find_eval_images(tmp_path / "eval", None, {})
