@@ -36,7 +36,8 @@ def tiny_sweep(args: list[str]) -> list[str]:
     """A README sweep shortened for the tiny data: two trials of one or two epochs at 64x48."""
     args = [re.sub(r"^epochs=int:\d+:\d+$", "epochs=int:1:2", a) for a in args]
     args[args.index("--trials") + 1] = "2"
-    return [*args, *([] if "--" in args else ["--"]), "--epochs", "1", "--resize", "64", "48", "--num_workers", "0"]
+    epochs = [] if any(a.startswith("epochs=") for a in args) else ["--epochs", "1"]  # searched: not fixed too
+    return [*args, *([] if "--" in args else ["--"]), *epochs, "--resize", "64", "48", "--num_workers", "0"]
 
 
 def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():

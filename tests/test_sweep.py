@@ -307,6 +307,8 @@ def test_a_bad_space_item_exits_2_with_one_line_naming_it(tmp_path, item, expect
 
 BAD_CALLS = [
     (["--space", "lr=log:1e-3:1e-2", "lr=float:1e-3:1e-2"], "given twice"),
+    (["--space", "lr=log:1e-3:1e-2", "--", "--lr", "0.1"], "--lr is searched (--space) and fixed (after --)"),
+    (["--space", "channels_last=true,false", "--", "--no-channels_last"], "--channels_last is searched"),
     (["--trials", "0", "--space", "lr=log:1e-3:1e-2"], "--trials 0 must be at least 1"),
     (["--space", "lr=log:1e-3:1e-2", "--", "--name", "x"], "--name after --"),
     (["--space", "lr=log:1e-3:1e-2", "--", "--epochz", "3"], "did you mean --epochs"),
