@@ -273,6 +273,13 @@ def resolve_members(
     for entry, weight in zip(model_dirs, weights, strict=True):
         paths = checkpoints(entry, which, flag, env)
         members += [Member(p, weight / len(paths) / sum(weights), member_config(p)) for p in paths]
+    seen: dict[Path, Path] = {}
+    for member in members:  # the same run twice (a shell glob, a k-fold run and one of its folds) counts it double
+        twice = seen.setdefault(member.checkpoint.resolve(), member.checkpoint)
+        if twice is not member.checkpoint:
+            also = f" (also as {twice})" if twice != member.checkpoint else ""
+            more = "; --weights counts one run more than another" if flag == "--model_dir" else ""
+            raise UserError(f"{flag} names the checkpoint {member.checkpoint} twice{also}: give each run once{more}")
     first = members[0]
     for other in members[1:]:
         why = class_difference(class_names_of(first.config), class_names_of(other.config))

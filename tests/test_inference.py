@@ -20,6 +20,7 @@ import model
 import predict
 import rundir
 from conftest import run_script, tiny_run_args
+from utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,25 @@ def test_runs_with_other_class_names_are_refused(runs, tmp_path):
     line = one_error_line(infer(tmp_path, "out", "--model_dir", str(runs["a"]), str(other), ok=False))
     assert str(runs["a"]) in line and str(other) in line and "different classes" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_named_twice_in_an_ensemble_is_refused(runs, tmp_path):
+    """The same checkpoint twice (a repeated path, a k-fold run beside one of its folds, a link) would count double."""
+    kfold = tmp_path / "kfold"
+    shutil.copytree(runs["a"], kfold / "fold0")
+    shutil.copytree(runs["b"], kfold / "fold1")
+    (tmp_path / "link").symlink_to(runs["a"])
+    for entries, shown in [
+        ([runs["a"], runs["b"], runs["a"]], f"{runs['a'] / 'best.pth'} twice"),
+        ([runs["a"], runs["a"] / "best.pth"], f"{runs['a'] / 'best.pth'} twice"),
+        ([kfold, kfold / "fold1"], f"{kfold / 'fold1/best.pth'} twice"),
+        ([runs["a"], tmp_path / "link"], f"{tmp_path / 'link/best.pth'} twice (also as {runs['a'] / 'best.pth'})"),
+    ]:
+        line = one_error_line(infer(tmp_path, "out", "--model_dir", *map(str, entries), ok=False))
+        assert f"--model_dir names the checkpoint {shown}: give each run once" in line, line
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match=r"^--teacher names the checkpoint .* twice: give each run once$"):
+        rundir.resolve_members([str(runs["b"]), str(runs["b"])], None, flag="--teacher")
 
 
 # --- test-time augmentation -----------------------------------------------------------------------------
