@@ -55,6 +55,7 @@ DATA_FACTS = (
     "command",
     "train_images",
     "val_images",
+    "split_digest",
     "resumed",
     "flag_defaults",
 )

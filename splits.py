@@ -121,3 +121,16 @@ def unlearnt_classes_warning(train_labels: Sequence[int], val_labels: Sequence[i
         f"warning: {len(missing)} class(es) in validation have no training image ({names}{more}); the model cannot "
         "learn them: lower --val_ratio or --n_splits, or add images of them"
     )
+
+
+def split_digest(image_paths: Sequence[Any], train_idx: Sequence[int], val_idx: Sequence[int], root: Any) -> str:
+    """A fingerprint of which images train and which validate, by their paths under `root` (the data may move to
+    another folder or server and keep it): a resumed run checks that it continues on the split it began with."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha1()
+    for side in (train_idx, val_idx):
+        names = sorted(os.path.relpath(image_paths[i], root) for i in np.asarray(side).tolist())
+        digest.update("\n".join(names).encode() + b"\0")
+    return digest.hexdigest()[:16]

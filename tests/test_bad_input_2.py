@@ -232,6 +232,29 @@ def test_resume_with_a_different_model_is_refused_in_one_line_and_the_run_is_unt
     assert same.returncode == 0, same.stderr  # the run's own value is no change
 
 
+def test_resume_on_data_that_splits_otherwise_is_refused_and_on_moved_data_goes_on(demo_root, trained, tmp_path):
+    """Data moved to another folder (another server) resumes; one photo fewer changes the split, whose validation
+    persons could then have trained: refused in one line, the run untouched."""
+    run = shutil.copytree(trained, tmp_path / "run")
+    moved = shutil.copytree(demo_root / "train", tmp_path / "moved")
+    changed = shutil.copytree(demo_root / "train", tmp_path / "changed")
+    next(p for p in sorted((changed / "images").rglob("normal.jpg"))).unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = ["--resume", str(run), "--epochs", "2", "--num_workers", "0"]
+    refused = run_script("train.py", *args, "--data_dir", str(changed / "images"), cwd=tmp_path)
+    line = refused.stderr.strip().splitlines()[-1]  # after the warning that --epochs 2 changes the schedule
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert line.startswith(f"error: --resume: the data at {changed / 'images'} splits into other images (") and (
+        f"than the run trained on at {demo_root / 'train/images'} (" in line
+    ), line
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after.pop(run / "train.log").startswith(before.pop(run / "train.log"))  # the attempt is logged after
+    assert after == before
+    done = run_script("train.py", *args, "--data_dir", str(moved / "images"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_csv(run / "log.csv")) == 2
+
+
 # --- smaller faults: a stopped run exits non-zero; printed commands quote their paths -------------------------
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_a_stopped_run_exits_128_plus_the_signal_and_prints_a_command_that_works_with_spaces(
