@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import augmentation as augmentation_module
 import dataset as dataset_module
@@ -463,29 +465,54 @@ def check_soft_targets(args: Namespace) -> None:
         raise UserError(f"{soft[0]} cannot be mixed by --mixup/--cutmix (they mix class labels): use {off} with them")
 
 
-def check_args(args: Namespace) -> None:
-    """Reject impossible flags and unknown names before any data is read."""
+# A flag that acts only through another: (whether that one is on, what to add). Given without it, it would change
+# nothing while the user believes it does; a value equal to the default is no change, so recipes pass.
+NEEDS: dict[str, tuple[Callable[[Namespace], Any], str]] = {
+    "kd_alpha": (lambda a: a.teacher, "--teacher RUN [RUN ...]"),
+    "kd_temperature": (lambda a: a.teacher, "--teacher RUN [RUN ...]"),
+    "kd_cache": (lambda a: a.teacher, "--teacher RUN [RUN ...]"),
+    "pseudo_threshold": (lambda a: a.pseudo_labels, "--pseudo_labels PROBS_CSV"),
+    "pseudo_max_share": (lambda a: a.pseudo_labels, "--pseudo_labels PROBS_CSV"),
+    "pseudo_soft": (lambda a: a.pseudo_labels, "--pseudo_labels PROBS_CSV"),
+    "pseudo_dir": (lambda a: a.pseudo_labels, "--pseudo_labels PROBS_CSV"),
+    "swa_lr": (lambda a: a.swa_start, "--swa_start EPOCH"),
+    "mix_prob": (lambda a: a.mixup or a.cutmix, "--mixup ALPHA or --cutmix ALPHA"),
+    "cutmix_mode": (lambda a: a.cutmix, "--cutmix ALPHA"),
+    "lr_decay_step": (lambda a: a.scheduler in ("step", "cosine_restarts"), "--scheduler step or cosine_restarts"),
+    "gamma": (lambda a: a.scheduler in ("step", "plateau"), "--scheduler step or plateau"),
+    "wandb_entity": (lambda a: a.wandb, "--wandb PROJECT"),
+    "wandb_group": (lambda a: a.wandb, "--wandb PROJECT"),
+    "mlflow_experiment": (lambda a: a.mlflow, "--mlflow [URI]"),
+}
+
+
+def check_needs(args: Namespace, defaults: dict[str, Any]) -> None:
+    """A flag set away from its default without the flag it acts through (`NEEDS`) is one line, not ignored."""
+    for flag, (on, needs) in NEEDS.items():
+        value = getattr(args, flag, None)
+        if flag in defaults and value != defaults[flag] and not on(args):
+            shown = "" if isinstance(value, bool) else f" {value:g}" if isinstance(value, float) else f" {value}"
+            raise UserError(f"--{flag}{shown} needs {needs}: without it --{flag} changes nothing")
+
+
+def check_args(args: Namespace, defaults: dict[str, Any]) -> None:
+    """Reject impossible flags and unknown names before any data is read (`defaults`: train.py's flag defaults)."""
     settings.check_ranges(args, FLAG_RANGES)
+    check_needs(args, defaults)
     if args.task_weights is not None and not sum(args.task_weights) > 0:
         raise UserError(f"--task_weights {' '.join(map(str, args.task_weights))}: at least one must be above 0")
     if args.swa_start > args.epochs:
         raise UserError(f"--swa_start {args.swa_start} is past --epochs {args.epochs}: start SWA at an epoch that is "
                         f"trained, e.g. --swa_start {max(1, args.epochs * 3 // 4)}")  # fmt: skip
-    if args.swa_lr is not None and not args.swa_start:
-        raise UserError(f"--swa_lr {args.swa_lr:g} needs --swa_start EPOCH (SWA is off)")
     if args.warmup_epochs > args.epochs:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     check_soft_targets(args)
     rundir.check_run_name(args.name)
     for entry in args.teacher or []:  # each exists, before the data is read (or the demo data made)
         rundir.checkpoints(entry, "best", "--teacher")
-    if args.kd_cache and not args.teacher:
-        raise UserError("--kd_cache needs --teacher RUN [RUN ...]")
     if args.kd_cache and (args.mixup or args.cutmix):
         raise UserError("--kd_cache holds the teachers' view of each plain image, which --mixup/--cutmix would not "
                         "match: drop --kd_cache (the teachers then see each mixed batch)")  # fmt: skip
-    if args.pseudo_soft and not args.pseudo_labels:
-        raise UserError("--pseudo_soft needs --pseudo_labels PROBS_CSV")
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
     if args.fold is not None and args.fold != "all":

@@ -98,7 +98,7 @@ def parse_train(words: Sequence[str]) -> Namespace:
             args = parser.parse_args([*recipe, *words])
     except SystemExit:  # argparse's error, one line (utils.ArgumentParser)
         raise UserError(said.getvalue().strip().removeprefix("error: ")) from None
-    options.check_args(args)
+    options.check_args(args, train.flag_defaults())
     return args
 
 

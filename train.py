@@ -188,7 +188,7 @@ def main(args: Namespace, argv: Sequence[str] | None = None, on_epoch: engine.Ep
     resumed, checkpoints = None, {}
     if args.resume:
         args, resumed, checkpoints = resume_args(args, sys.argv[1:] if argv is None else argv)
-    options.check_args(args)
+    options.check_args(args, flag_defaults())
     loggers.check(vars(args))
     rank, world, device = devices.init_distributed(args.device, args.dist_timeout)
     try:

@@ -314,7 +314,45 @@ def test_a_numeric_flag_out_of_range_or_not_finite_is_refused_in_one_line(flag, 
         line = one_error_line(done)
         assert line.startswith(f"error: --{flag} ") and "must be" in line, line
         with pytest.raises(utils.UserError):
-            options.check_args(train.parse_args(words))
+            options.check_args(train.parse_args(words), train.flag_defaults())
+    assert not (tmp_path / "model").exists()
+
+
+# flag: (a value other than its default, the words that turn on the flag it acts through)
+DEPENDENT = {
+    "kd_alpha": (["0.5"], ["--teacher", "t"]),
+    "kd_temperature": (["3"], ["--teacher", "t"]),
+    "kd_cache": ([], ["--teacher", "t"]),
+    "pseudo_threshold": (["0.5"], ["--pseudo_labels", "p.csv"]),
+    "pseudo_max_share": (["0.3"], ["--pseudo_labels", "p.csv"]),
+    "pseudo_soft": ([], ["--pseudo_labels", "p.csv"]),
+    "pseudo_dir": (["eval"], ["--pseudo_labels", "p.csv"]),
+    "swa_lr": (["0.01"], ["--swa_start", "2"]),
+    "mix_prob": (["0.5"], ["--cutmix", "1"]),
+    "cutmix_mode": (["vertical"], ["--cutmix", "1"]),
+    "lr_decay_step": (["5"], ["--scheduler", "cosine_restarts"]),
+    "gamma": (["0.3"], ["--scheduler", "plateau"]),
+    "wandb_entity": (["team"], ["--wandb", "mask"]),
+    "wandb_group": (["g"], ["--wandb", "mask"]),
+    "mlflow_experiment": (["e"], ["--mlflow"]),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(DEPENDENT))
+def test_a_flag_given_without_the_flag_it_acts_through_is_refused(flag, tmp_path):
+    """--kd_alpha without --teacher, --gamma with the cosine schedule, ...: each trained as if it had not been
+    given, while the run's config.json recorded it."""
+    import options
+    import train
+
+    assert set(DEPENDENT) == set(options.NEEDS)  # a new entry of the table gets a case here
+    value, parent = DEPENDENT[flag]
+    line = one_error_line(run_script("train.py", "--data_dir", "never_read", f"--{flag}", *value, cwd=tmp_path))
+    assert line.startswith(f"error: --{flag}{' ' if value else ''}{' '.join(value)} needs ") and (
+        f"without it --{flag} changes nothing" in line
+    ), line
+    options.check_needs(train.parse_args([f"--{flag}", *value, *parent]), train.flag_defaults())  # accepted
+    options.check_needs(train.parse_args(parent), train.flag_defaults())  # the parent alone too
     assert not (tmp_path / "model").exists()
 
 

@@ -276,7 +276,7 @@ def test_mixup_with_a_criterion_that_takes_no_soft_targets_is_refused(monkeypatc
     monkeypatch.setattr(loss, "accepts_soft_targets", lambda name: name != "cross_entropy")
     args = train.get_parser().parse_args(["--mixup", "0.2", "--criterion", "cross_entropy"])
     with pytest.raises(utils.UserError, match="--criterion cross_entropy cannot learn from the soft targets"):
-        options.check_args(args)
+        options.check_args(args, train.flag_defaults())
 
 
 def test_batch_augment_without_randomness_is_resize_and_normalize():
