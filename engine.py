@@ -587,7 +587,8 @@ def fit(
         f"({kind}) | device {device}{f' x {world} processes' if world > 1 else ''}"
     )
     class_names = getattr(data, "class_names", [])
-    if warning := splits.unlearnt_classes_warning(split.train_set.targets, split.val_set.targets, class_names):
+    warning = splits.unlearnt_classes_warning(split.train_set.targets, split.val_set.targets, class_names)
+    if warning and devices.rank() == 0:  # stderr is every rank's: one line, not one per process
         print(warning, file=sys.stderr)
     check_same_split(config, data, split, checkpoint)
     state = build_state(config, split, data.num_classes, device, world)

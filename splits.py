@@ -6,6 +6,8 @@ gender x age band of a person, the class of an image). dataset.py's classes call
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -126,9 +128,6 @@ def unlearnt_classes_warning(train_labels: Sequence[int], val_labels: Sequence[i
 def split_digest(image_paths: Sequence[Any], train_idx: Sequence[int], val_idx: Sequence[int], root: Any) -> str:
     """A fingerprint of which images train and which validate, by their paths under `root` (the data may move to
     another folder or server and keep it): a resumed run checks that it continues on the split it began with."""
-    import hashlib
-    import os
-
     digest = hashlib.sha1()
     for side in (train_idx, val_idx):
         names = sorted(os.path.relpath(image_paths[i], root) for i in np.asarray(side).tolist())
