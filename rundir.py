@@ -57,6 +57,7 @@ DATA_FACTS = (
     "val_images",
     "split_digest",
     "resumed",
+    "trackers",
     "flag_defaults",
 )
 

@@ -253,6 +253,10 @@ def test_resume_on_data_that_splits_otherwise_is_refused_and_on_moved_data_goes_
     done = run_script("train.py", *args, "--data_dir", str(moved / "images"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert len(pd.read_csv(run / "log.csv")) == 2
+    # A resumed run's config.json (with its resumes and tracker ids) still repeats the run as a recipe.
+    import train
+
+    assert train.parse_args(["--config", str(run / "config.json")]).epochs == 2
 
 
 # --- smaller faults: a stopped run exits non-zero; printed commands quote their paths -------------------------
