@@ -58,6 +58,7 @@ DATA_FACTS = (
     "split_digest",
     "resumed",
     "trackers",
+    "pruned",
     "flag_defaults",
 )
 

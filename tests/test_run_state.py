@@ -198,6 +198,26 @@ def test_yaml_recipes_set_defaults_and_bad_recipes_exit_2(demo_root, tmp_path):
     assert "--config nope.yaml does not exist" in missing
 
 
+def test_every_key_a_run_writes_in_config_json_is_a_flag_or_a_fact_a_recipe_skips():
+    """A key train.py adds to config.json beside its flags (at a resume, a pruned trial, ...) must be known to
+    recipes, or that run's config.json stops `--config` with 'not a train.py flag'."""
+    import re
+
+    import rundir
+    from conftest import ROOT
+
+    written = set()
+    for path in ROOT.glob("*.py"):
+        text = path.read_text()
+        written |= set(re.findall(r"config\[\"([a-z_]+)\"\] *=[^=]", text))
+        written |= set(re.findall(r"config\.setdefault\(\"([a-z_]+)\"", text))
+        for args in re.findall(r"config\.update\(([^)]*)\)", text):
+            written |= set(re.findall(r"([a-z_]+)=", args))
+    assert {"resumed", "trackers", "pruned", "split_digest", "train_images"} <= written  # the scan finds them
+    unknown = written - set(train.flag_defaults()) - set(rundir.DATA_FACTS)
+    assert not unknown, f"add to rundir.DATA_FACTS: {sorted(unknown)}"
+
+
 BAD_RECIPE_VALUES = {
     "epochs: [1, 2]": "'epochs: [1, 2]' is refused (unrecognized arguments: 2)",
     "epochs:": "'epochs' has no value; write one (the default is 24) or delete it",
