@@ -351,6 +351,13 @@ class ImageFolderDataset(Dataset):
         # Fixed here, before any split is made: the strata (classes) follow the fixed labels.
         self.label_fix_report = self.fix_labels(self.label_fixes) if self.label_fixes else None
         self.num_classes = len(self.class_names)
+        for alike in labels.look_alike_classes(self.class_names):
+            shown = ", ".join(repr(n) for n in alike)
+            print(
+                f"warning: classes {shown} of {self.data_dir} differ only in case, spacing or leading zeros and train "
+                f"as {len(alike)} classes; if they are one class, write them alike",
+                file=sys.stderr,
+            )
         if self.num_classes < 2:
             raise UserError(
                 f"{self.data_dir} holds one class only ({self.class_names[0]}): a classifier needs two or more; "

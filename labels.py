@@ -161,6 +161,17 @@ class FixableField:
     per_image: bool = False  # only by image path: e.g. a person has all three mask values
 
 
+def look_alike_classes(names: Sequence[str]) -> list[list[str]]:
+    """Groups of class names that differ only in case, spacing or leading zeros ('Cat', 'cat'; '7', '07'): most
+    often one class written two ways, which would train as two."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = " ".join(str(name).split()).casefold()
+        key = str(int(key)) if key.lstrip("+-").isdigit() else key
+        groups.setdefault(key, []).append(str(name))
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def read_label_fixes(path: str | os.PathLike) -> list[LabelFix]:
     """The rows of a label-fix file; a `UserError` naming the row when one is not id,field,value."""
     name = f"--label_fixes {path}"

@@ -237,6 +237,24 @@ def test_csv_paths_are_relative_to_the_csv_and_string_labels_become_sorted_class
     assert dataset.CSVDataset(tmp_path / "data").image_paths == data.image_paths
 
 
+def test_class_names_written_two_ways_are_kept_apart_with_a_warning(tmp_path, capsys):
+    """'Cat' and 'cat', '7' and '07', folders 'Dog' and 'dog ': one class written two ways trains as two."""
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
+    for name in names:
+        save_image(tmp_path / "data" / name)
+    rows = list(zip(names, ["cat", "Cat", "dog", "7", "07", "bird"], strict=True))
+    data = dataset.CSVDataset(make_csv(tmp_path / "data" / "labels.csv", rows, "path,label"))
+    assert data.num_classes == 6  # nothing merged behind the user's back
+    err = capsys.readouterr().err
+    assert "warning: classes 'Cat', 'cat' of " in err and "warning: classes '07', '7' of " in err
+    assert err.count("warning: classes") == 2 and "train as 2 classes; if they are one class" in err
+    folders = make_class_folders(tmp_path / "folders", {"Dog": ["a.png"], "dog ": ["b.png"], "owl": ["c.png"]})
+    dataset.ImageFolderDataset(folders)
+    assert "warning: classes 'Dog', 'dog ' of " in capsys.readouterr().err
+    dataset.CSVDataset(make_csv(tmp_path / "data" / "ok.csv", rows[2:4] + rows[5:], "path,label"))
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_csv_image_root_and_whole_number_labels_sort_as_numbers(tmp_path):
     for i in range(4):
         save_image(tmp_path / "pictures" / f"{i}.png")
