@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,22 @@ def score(truth: pd.DataFrame, submission: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def finished_run(train_output: str, cwd: Path) -> Path:
+    """The run train.py (started in `cwd`) names last, `Next: python inference.py --model_dir RUN`: the whole run,
+    which for `--fold all` is the k-fold directory (each fold's own `Run directory:` line comes first)."""
+    lines = re.findall(r"^Next: python inference\.py --model_dir (.+)$", train_output, re.M)
+    return cwd / shlex.split(lines[-1])[0]
+
+
+def images_trained(run_dir: Path) -> int:
+    """Training images x epochs, over the folds of a k-fold run."""
+    dirs = [d for d in sorted(run_dir.glob("fold*")) if (d / "log.csv").is_file()] or [run_dir]
+    return sum(
+        int(pd.read_json(d / "config.json", typ="series")["train_images"]) * len(pd.read_csv(d / "log.csv"))
+        for d in dirs
+    )
+
+
 def caller_path(word: str) -> str:
     """A train.py word that names a file from where this script was started (`--label_fixes flips.csv`, `--backbone
     bench/recipe_backbones.py:Wide`), made absolute: the runs start in the model folder."""
@@ -81,22 +98,21 @@ def main(args: argparse.Namespace) -> None:
                 "train.py", "--data_dir", str(data / "train/images"), "--model_dir", str(work / "model"),
                 "--name", name, "--seed", str(seed), *extra, cwd=work,
             )  # fmt: skip
-            run_dir = Path(re.search(r"Run directory: (\S+)", out).group(1))
-            n_train = int(pd.read_json(run_dir / "config.json", typ="series")["train_images"])
-            epochs = len(pd.read_csv(run_dir / "log.csv"))
+            run_dir = finished_run(out, work)
+            trained = images_trained(run_dir)
             _, infer_s = run(
                 "inference.py", "--model_dir", str(run_dir), "--data_dir", str(data / "eval"),
                 "--output_dir", str(work / f"output_{seed}"), cwd=work,
             )  # fmt: skip
             submission = pd.read_csv(work / f"output_{seed}/output.csv", dtype={"ImageID": str})
-            line = f"seed {seed}: train {train_s:.0f}s ({n_train * epochs / train_s:.0f} img/s) infer {infer_s:.0f}s"
+            line = f"seed {seed}: train {train_s:.0f}s ({trained / train_s:.0f} img/s) infer {infer_s:.0f}s"
             if truth_path.is_file():
                 s = score(pd.read_csv(truth_path, dtype={"ImageID": str}), submission)
                 results.append(s)
                 line = (
                     f"seed {seed}: eval macro F1 {s['f1']:.4f} acc {s['acc']:.1%} | mask {s['mask']:.1%} gender "
                     f"{s['gender']:.1%} age {s['age']:.1%} | oldest band's classes F1 {s['old_f1']:.3f} | train "
-                    f"{train_s:.0f}s ({n_train * epochs / train_s:.0f} img/s) | inference {infer_s:.1f}s "
+                    f"{train_s:.0f}s ({trained / train_s:.0f} img/s) | inference {infer_s:.1f}s "
                     f"({n_eval / infer_s:.0f} img/s)"
                 )
             print(line, flush=True)

@@ -13,7 +13,7 @@ import pytest
 import dataset
 import labels
 import report
-from conftest import ROOT
+from conftest import ROOT, run_script, tiny_run_args
 
 
 def test_bench_recipe_trains_predicts_and_prints_one_parsable_line(demo_root, tmp_path):
@@ -31,6 +31,21 @@ def test_bench_recipe_trains_predicts_and_prints_one_parsable_line(demo_root, tm
     assert match, done.stdout
     assert 0 <= float(match.group(1)) <= 1 and all(0 <= float(match.group(i)) <= 100 for i in range(2, 6))
     assert 0 <= float(match.group(6)) <= 1
+
+
+def test_bench_recipe_scores_a_kfold_run_as_a_whole(demo_root, tmp_path):
+    """With --fold all, train.py prints each fold's `Run directory:` first; the bench predicts (and counts the
+    training images of) the k-fold directory, every fold, not the first fold alone."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_recipe
+
+    args = ["--epochs", "1", "--resize", "32", "24", "--num_workers", "0", "--n_splits", "2", "--fold", "all"]
+    done = run_script("train.py", *tiny_run_args(demo_root, *args, "--name", "k f"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("Run directory: ") == 2
+    assert bench_recipe.finished_run(done.stdout, tmp_path) == tmp_path / "model/k f"  # a space survives the quoting
+    folds = [json.loads((tmp_path / f"model/k f/fold{k}/config.json").read_text())["train_images"] for k in (0, 1)]
+    assert bench_recipe.images_trained(tmp_path / "model/k f") == sum(folds) > max(folds)  # one epoch each
 
 
 def test_bench_recipe_finds_a_backbone_file_given_relative_to_where_it_was_started(demo_root, tmp_path):
