@@ -513,8 +513,6 @@ def check_args(args: Namespace, defaults: dict[str, Any]) -> None:
     if args.kd_cache and (args.mixup or args.cutmix):
         raise UserError("--kd_cache holds the teachers' view of each plain image, which --mixup/--cutmix would not "
                         "match: drop --kd_cache (the teachers then see each mixed batch)")  # fmt: skip
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
     if args.fold is not None and args.fold != "all":
         if not args.fold.isdigit():
             raise UserError(f"--fold {args.fold} must be a fold number (0..{args.n_splits - 1}) or all")
