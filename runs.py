@@ -246,7 +246,6 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def save_csv(table: pd.DataFrame, path: Path, header: str = "") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_write(path, lambda f: f.write(header + table.to_csv(index=False)))
 
 
@@ -556,6 +555,10 @@ def main(args: Namespace) -> pd.DataFrame:
     if args.cam is not None:
         return pd.DataFrame({"figure": [str(p) for p in cam_figures(Path(args.cam), args.images, args.device)]})
     root = Path(args.model_dir)
+    if args.csv and Path(args.csv).is_dir():  # checked before the table is read, as the folder below
+        raise UserError(f"--csv {args.csv} is a folder, not a file: give the path of the CSV to write")
+    if args.csv:
+        settings.make_dir(Path(args.csv).parent, "--csv")
     table = run_table(root)
     kfold = " (k-fold: the mean over its folds; oof_f1: over every image)" if "oof_f1" in table else ""
     print(f"{len(table)} run(s) under {root}, best validation macro F1 first{kfold}; then the flags that differ:")

@@ -302,6 +302,8 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = False) -> None:
     """Call `write(file_object)` on a temporary file next to `path`, fsync it, then rename it to `path`."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail after the whole write, with a traceback
+        raise UserError(f"{path} is a folder, not a file: move it away or write the file elsewhere")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide a shared run's files from the team

@@ -344,6 +344,8 @@ WRONG_KIND = {
         "--pretrained_path DIR is a folder, not a file",
     ),
     "train --pseudo_labels folder": (["train.py", "--pseudo_labels", "DIR"], "DIR is a folder, not a file"),
+    "runs.py --csv folder": (["runs.py", "--csv", "DIR", "DIR"], "--csv DIR is a folder, not a file"),
+    "runs.py --csv under a file": (["runs.py", "--csv", "FILE/x.csv", "DIR"], "FILE is a file, not a folder"),
     "train --backbone folder": (["train.py", "--backbone", "DIR.py:Net"], "the file DIR.py is a folder, not a file"),
 }
 
@@ -359,6 +361,17 @@ def test_a_path_of_the_wrong_kind_says_which_kind_it_is(case, tmp_path):
     line = one_error_line(run_script(script, *args, cwd=tmp_path))
     assert WRONG_KIND[case][1] in line, line
     assert "does not exist" not in line
+
+
+def test_no_writer_replaces_a_folder(tmp_path):
+    """Every file the project writes goes through atomic_write: a folder in the file's place is one line, and the
+    folder and its files stay."""
+    (tmp_path / "out.csv").mkdir()
+    (tmp_path / "out.csv/keep.txt").write_text("kept")
+    with pytest.raises(UserError, match=r"out.csv is a folder, not a file: move it away or write the file elsewhere"):
+        utils.atomic_write(tmp_path / "out.csv", lambda f: f.write("x"))
+    assert (tmp_path / "out.csv/keep.txt").read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary file left
 
 
 def test_an_eval_folder_whose_info_csv_is_a_folder_says_so(tmp_path):
