@@ -247,6 +247,10 @@ def open_storage(url: str | None, sweep_dir: Path) -> Any:
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(url).expanduser()
+    if path.is_dir():
+        raise UserError(
+            f"--storage {url} is a folder, not a file: give the journal file's path in it, e.g. {path / 'journal.log'}"
+        )
     settings.make_dir(path.resolve().parent, "--storage", "the journal file's folder")
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 

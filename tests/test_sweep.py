@@ -316,6 +316,7 @@ BAD_CALLS = [
     (["--space", "warmup_epochs=int:1:9", "--", "--epochs", "4"], "must not exceed --epochs 4"),
     (["--space", "lr=log:1e-3:1e-2", "--storage", "nosuchdb://x/y"], "--storage nosuchdb://x/y: cannot open"),
     (["--spacer", "lr=log:1e-3:1e-2"], "did you mean --space"),
+    (["--space", "lr=log:1e-3:1e-2", "--storage", "."], "--storage . is a folder, not a file: give the journal"),
     (["--trials", "2"], "--space is missing"),
     (["--space", "warmup_epochs=3,4", "epochs=1,2"], "narrow --space so that every combination is valid"),
 ]
