@@ -471,7 +471,7 @@ def test_a_data_dir_one_level_off_names_the_folder_to_pass(demo_root, tmp_path):
     folder = tmp_path / "fixes"
     folder.mkdir()
     line = one_error_line(run_script("train.py", *tiny_run_args(demo_root, "--label_fixes", str(folder)), cwd=tmp_path))
-    assert f"--label_fixes {folder} is a folder: give a CSV file" in line
+    assert f"--label_fixes {folder} is a folder, not a file: give a CSV file" in line
     assert not (tmp_path / "model").exists()
 
 

@@ -4,6 +4,7 @@ decodes every eval image once, whatever the TTA views and ensemble members (issu
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -75,7 +76,8 @@ def test_inference_decodes_each_eval_image_once_with_tta_and_an_ensemble(demo_ro
     assert trained.returncode == 0, trained.stderr
     n_eval = len(pd.read_csv(demo_root / "eval/info.csv"))
     run = str(tmp_path / "model/exp")
-    for members, tta in (([run], "none"), ([run, run], "flip")):
+    copy = str(shutil.copytree(run, tmp_path / "model/copy"))  # a second member (one run twice is refused)
+    for members, tta in (([run], "none"), ([run, copy], "flip")):
         counted["decode"] = counted["crop"] = 0
         flags = ["--model_dir", *members, "--data_dir", str(demo_root / "eval"), "--tta", tta, "--num_workers", "0"]
         result = run_script("inference.py", *flags, cwd=tmp_path)
