@@ -9,6 +9,8 @@ augmentation, model, optimizer, criterion), and combinations that work.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
@@ -535,6 +537,9 @@ def check_args(args: Namespace, defaults: dict[str, Any]) -> None:
     if args.backbone:
         model_module.check_backbone_name(args.backbone)
     loss_module.check_criterion_name(args.criterion)
+    if args.class_weights and args.sampler == "weighted" and os.environ.get("RANK", "0") == "0":  # torchrun: once
+        print("warning: --class_weights with --sampler weighted corrects the class imbalance twice (the rare classes "
+              "then count about their rarity squared); keep one of the two", file=sys.stderr)  # fmt: skip
     if args.class_weights and not loss_module.accepts_class_weights(args.criterion):
         valid = [n for n in loss_module.criterion_names() if loss_module.accepts_class_weights(n)]
         raise UserError(f"--class_weights: --criterion {args.criterion} takes no class weights; use {', '.join(valid)}")

@@ -98,6 +98,19 @@ def test_epoch_sampler_partitions_between_processes_and_depends_only_on_seed_and
     assert list(again) == list(ranks[0])[2:]
 
 
+def test_class_weights_and_the_weighted_sampler_together_warn_once(capsys, monkeypatch):
+    import options
+    import train
+
+    options.check_args(train.parse_args(["--class_weights", "--sampler", "weighted"]), train.flag_defaults())
+    assert capsys.readouterr().err.count("corrects the class imbalance twice") == 1
+    for alone in (["--class_weights"], ["--sampler", "weighted"]):
+        options.check_args(train.parse_args(alone), train.flag_defaults())
+    monkeypatch.setenv("RANK", "1")  # another torchrun process: rank 0 has said it
+    options.check_args(train.parse_args(["--class_weights", "--sampler", "weighted"]), train.flag_defaults())
+    assert "twice" not in capsys.readouterr().err
+
+
 def test_class_weights_with_a_criterion_that_takes_none_is_refused(demo_root, tmp_path):
     done = run_script("train.py", *tiny_run_args(demo_root, "--class_weights", "--criterion", "f1"), cwd=tmp_path)
     assert done.returncode == 2
