@@ -42,7 +42,6 @@ import splits
 import subset as subset_module
 import utils
 from loop import EpochSampler, LoopSettings, make_loader, train_one_epoch
-from utils import UserError
 
 # ---------------------------------------------------------------------------------------------------
 # Compile
@@ -546,22 +545,6 @@ class Trainer:
         print(f"Next: python inference.py --model_dir {shlex.quote(str(self.run_dir))}")
 
 
-def check_same_split(config: dict[str, Any], data: Any, split: Split, checkpoint: dict[str, Any] | None) -> None:
-    """Record the split's fingerprint in `config`; a resumed run whose data now splits otherwise (images added,
-    removed or renamed) is refused: its validation persons may have trained, or its training ones validate."""
-    root = Path(config["data_dir"])
-    root = root if root.is_dir() else root.parent  # a CSV data set: paths under the CSV's folder
-    digest = splits.split_digest(data.image_paths, split.train_set.indices, split.val_idx, root)
-    then = (checkpoint or {}).get("config", {})
-    if then.get("split_digest") not in (None, digest):
-        raise UserError(
-            f"--resume: the data at {config['data_dir']} splits into other images ({len(split.train_set)} train / "
-            f"{len(split.val_set)} val) than the run trained on at {then.get('data_dir')} "
-            f"({then.get('train_images')} / {then.get('val_images')}): resume on that data, or start a new run"
-        )
-    config["split_digest"] = digest
-
-
 def fit(
     config: dict[str, Any],
     data: Any,
@@ -590,7 +573,8 @@ def fit(
     warning = splits.unlearnt_classes_warning(split.train_set.targets, split.val_set.targets, class_names)
     if warning and devices.rank() == 0:  # stderr is every rank's: one line, not one per process
         print(warning, file=sys.stderr)
-    check_same_split(config, data, split, checkpoint)
+    then = (checkpoint or {}).get("config", {})  # a resume continues on the split it began with
+    config["split_digest"] = splits.same_split(config, then, data.image_paths, split.train_set.indices, split.val_idx)
     state = build_state(config, split, data.num_classes, device, world)
     state.folds_left = [f for f in folds_left if f is not None]
     if checkpoint is not None:

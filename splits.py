@@ -10,6 +10,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,27 @@ def unlearnt_classes_warning(train_labels: Sequence[int], val_labels: Sequence[i
         f"warning: {len(missing)} class(es) in validation have no training image ({names}{more}); the model cannot "
         "learn them: lower --val_ratio or --n_splits, or add images of them"
     )
+
+
+def same_split(
+    config: dict[str, Any],
+    then: dict[str, Any],
+    image_paths: Sequence[Any],
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+) -> str:
+    """The split's fingerprint for `config`; when `then` (the resumed run's config) has another, a `UserError`: the
+    data now splits otherwise (images added, removed or renamed), so its validation persons may have trained."""
+    root = Path(config["data_dir"])
+    root = root if root.is_dir() else root.parent  # a CSV data set: paths under the CSV's folder
+    digest = split_digest(image_paths, train_idx, val_idx, root)
+    if then.get("split_digest") not in (None, digest):
+        raise UserError(
+            f"--resume: the data at {config['data_dir']} splits into other images ({len(train_idx)} train / "
+            f"{len(val_idx)} val) than the run trained on at {then.get('data_dir')} "
+            f"({then.get('train_images')} / {then.get('val_images')}): resume on that data, or start a new run"
+        )
+    return digest
 
 
 def split_digest(image_paths: Sequence[Any], train_idx: Sequence[int], val_idx: Sequence[int], root: Any) -> str:
