@@ -68,12 +68,7 @@ def index_mask_folder(data_dir: str | os.PathLike) -> MaskIndex:
     folders whose names do not parse; warns about persons with missing or extra shots, ids used by two
     folders (kept on one side of every split) and a `train.csv` beside the folder that disagrees with it.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(
-            f"data directory {data_dir} {settings.missing(data_dir, folder=True)}: pass --data_dir or set "
-            "SM_CHANNEL_TRAIN"
-        )
+    data_dir = settings.need(data_dir, True, f"data directory {data_dir}", "pass --data_dir or set SM_CHANNEL_TRAIN")
     check_layout_level(data_dir)
     rows, bad, missing, extra = [], [], [], []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p)):
@@ -368,12 +363,9 @@ class ImageFolderDataset(Dataset):
 
     def setup(self) -> None:
         """Index the class folders (recursively, hidden files skipped); warn about non-images and empty classes."""
-        root = self.data_dir
-        if not root.is_dir():
-            raise UserError(
-                f"data directory {root} {settings.missing(root, folder=True)}: pass --data_dir (a folder of class "
-                "folders)"
-            )
+        root = settings.need(
+            self.data_dir, True, f"data directory {self.data_dir}", "pass --data_dir (a folder of class folders)"
+        )
         others, empty = [], []
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p)):
             files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_hidden(p, folder))
@@ -498,11 +490,7 @@ class CSVDataset(ImageFolderDataset):
         """Read the CSV (`data_dir`, or the only CSV in that folder); stop on missing columns or images."""
         path = find_csv(self.data_dir)
         root = self.image_root = self.image_root or path.parent
-        if not root.is_dir():
-            raise UserError(
-                f"--image_root {root} {settings.missing(root, folder=True)}: pass the folder the CSV's paths are "
-                "relative to"
-            )
+        settings.need(root, True, f"--image_root {root}", "pass the folder the CSV's paths are relative to")
         columns = {self.label_column: "--label_column", self.group_column: "--group_column"}
         fix = "fix the paths or pass --image_root (the folder they are relative to)"
         table, _, self.image_paths = read_image_csv(path, self.image_column, root, fix, columns)

@@ -34,11 +34,7 @@ class TestDataset(Dataset):
     ) -> None:
         self.eval_dir = Path(eval_dir)
         info_path = self.eval_dir / "info.csv"
-        if not info_path.is_file():
-            raise UserError(
-                f"{info_path} {settings.missing(info_path, folder=False)}: pass the eval directory (with info.csv) as "
-                "--data_dir"
-            )
+        settings.need(info_path, False, str(info_path), "pass the eval directory (with info.csv) as --data_dir")
         self.info = read_id_table(info_path, (), "restore the competition's info.csv")
         self.image_ids = self.info["ImageID"].tolist()
         self.image_paths = [self.eval_dir / "images" / i for i in self.image_ids]
@@ -144,12 +140,11 @@ def find_eval_images(path: Path, image_column: str | None, config: dict[str, Any
     """The images of `path` in the competition layout (info.csv), a folder of images, or a CSV of image paths
     (column `image_column`, else the run's: `config` is its config.json)."""
     if path.is_dir() and ((path / "info.csv").is_file() or (path / "images").is_dir()):
-        info = path / "info.csv"
-        if not info.is_file():  # the competition layout without its list of images
-            raise UserError(
-                f"{info} {settings.missing(info, folder=False)}: pass the eval directory (with info.csv) as "
-                f"--data_dir, or {path / 'images'} to predict every image in it"
-            )
+        info = path / "info.csv"  # the competition layout needs its list of images
+        fix = (
+            f"pass the eval directory (with info.csv) as --data_dir, or {path / 'images'} to predict every image in it"
+        )
+        settings.need(info, False, str(info), fix)
         test_set = TestDataset(path)
         if not test_set.image_ids:  # a submission of no rows would be a silent zero score
             raise UserError(f"{path / 'info.csv'} lists no images (a header only): restore the competition's info.csv")

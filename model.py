@@ -351,6 +351,10 @@ def build_model(
     return model
 
 
+def check_pretrained_path(path: str | os.PathLike) -> Path:
+    return settings.need(path, False, f"--pretrained_path {path}", "give the path of a local weights file")
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load matching weights from `path` into `model`; returns the names of the tensors left as initialised.
 
@@ -358,11 +362,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
     timm's ImageNet weights or a BaseModel checkpoint, its heads then newly initialised; and a single-head model
     takes the backbone of a MultiHeadModel checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"--pretrained_path {path} {settings.missing(path, folder=False)}: give the path of a local weights file"
-        )
+    path = check_pretrained_path(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -9,16 +9,15 @@ augmentation, model, optimizer, criterion), and combinations that work.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from argparse import Namespace
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import augmentation as augmentation_module
 import dataset as dataset_module
 import demo
+import devices
 import engine
 import loss as loss_module
 import model as model_module
@@ -537,17 +536,15 @@ def check_args(args: Namespace, defaults: dict[str, Any]) -> None:
     if args.backbone:
         model_module.check_backbone_name(args.backbone)
     loss_module.check_criterion_name(args.criterion)
-    if args.class_weights and args.sampler == "weighted" and os.environ.get("RANK", "0") == "0":  # torchrun: once
+    if args.class_weights and args.sampler == "weighted" and (devices.distributed_env() or (0,))[0] == 0:  # once
         print("warning: --class_weights with --sampler weighted corrects the class imbalance twice (the rare classes "
               "then count about their rarity squared); keep one of the two", file=sys.stderr)  # fmt: skip
     if args.class_weights and not loss_module.accepts_class_weights(args.criterion):
         valid = [n for n in loss_module.criterion_names() if loss_module.accepts_class_weights(n)]
         raise UserError(f"--class_weights: --criterion {args.criterion} takes no class weights; use {', '.join(valid)}")
-    if args.label_fixes and not Path(args.label_fixes).is_file():
-        problem = settings.missing(args.label_fixes, folder=False)
-        raise UserError(f"--label_fixes {args.label_fixes} {problem}: give a CSV file of id,field,value rows")
-    if args.pretrained_path and not Path(args.pretrained_path).is_file():
-        raise UserError(
-            f"--pretrained_path {args.pretrained_path} {settings.missing(args.pretrained_path, folder=False)}: give "
-            "the path of a local weights file"
+    if args.label_fixes:
+        settings.need(
+            args.label_fixes, False, f"--label_fixes {args.label_fixes}", "give a CSV file of id,field,value rows"
         )
+    if args.pretrained_path:
+        model_module.check_pretrained_path(args.pretrained_path)

@@ -36,11 +36,7 @@ def write_sidecar(probs_csv: Path, images_source: Path, image_column: str | None
 
 def read_probs(path: Path, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(ImageIDs, probabilities) of a probs.csv over exactly `class_names`, checked: one line for what is wrong."""
-    if not path.is_file():
-        raise UserError(
-            f"--pseudo_labels {path} {settings.missing(path, folder=False)}: give the probs.csv of inference.py "
-            "--save_probs"
-        )
+    settings.need(path, False, f"--pseudo_labels {path}", "give the probs.csv of inference.py --save_probs")
     try:
         table = pd.read_csv(path, dtype={"ImageID": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

@@ -195,10 +195,7 @@ def checkpoints(
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint with its config checked: what a model is rebuilt from."""
-    if not path.is_file():
-        raise UserError(
-            f"{path} {settings.missing(path, folder=False)}: the run did not finish an epoch; pick another --model_dir"
-        )
+    settings.need(path, False, str(path), "the run did not finish an epoch; pick another --model_dir")
     checkpoint = utils.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint written by train.py (no model weights in it)")
@@ -312,11 +309,7 @@ def member_config(checkpoint: Path) -> dict[str, Any]:
 
 def read_recipe(path: str) -> dict[str, Any]:
     """The flag: value pairs of a YAML or JSON recipe file."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(
-            f"--config {path} {settings.missing(path, folder=False)}: give a YAML or JSON file of flag: value pairs"
-        )
+    file = settings.need(path, False, f"--config {path}", "give a YAML or JSON file of flag: value pairs")
     try:
         if file.suffix.lower() == ".json":
             values = json.loads(file.read_text())

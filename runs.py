@@ -210,11 +210,7 @@ def run_table(root: Path) -> pd.DataFrame:
     """One row per run under `root`, best F1 first: name, date, best_f1, epoch, [folds, oof_f1], model, size,
     [eval_metric, best_score: where a run selected best.pth by another metric], then every flag that differs
     between the runs ('-': not in that run's config.json)."""
-    if not root.is_dir():
-        raise UserError(
-            f"{root} {settings.missing(root, folder=True)}: pass the folder of run directories (default "
-            "$SM_MODEL_DIR or ./model)"
-        )
+    settings.need(root, True, str(root), "pass the folder of run directories (default $SM_MODEL_DIR or ./model)")
     rows = []
     for run_dir, parts in rundir.find_runs(root):
         rel = run_dir.relative_to(root).as_posix()

@@ -121,6 +121,14 @@ def missing(path: str | os.PathLike, folder: bool) -> str:
     return "does not exist"
 
 
+def need(path: str | os.PathLike, folder: bool, name: str, fix: str) -> Path:
+    """`path` when it is a folder (`folder`) or a file; else a UserError "{name} {what it is instead}: {fix}"."""
+    path = Path(path)
+    if path.is_dir() if folder else path.is_file():
+        return path
+    raise UserError(f"{name} {missing(path, folder)}: {fix}")
+
+
 def make_dir(path: str | os.PathLike, flag: str, env: str | None = None) -> Path:
     """Create folder `path` (and its parents) for `flag`, or one line naming the flag, where its value was set,
     and what is in the way."""

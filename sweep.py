@@ -205,7 +205,8 @@ def parse_space(items: Sequence[str], base: Sequence[str]) -> list[Dimension]:
     twice = sorted({f for f in flags if flags.count(f) > 1})
     if twice:
         raise UserError(f"--space: --{twice[0]} is given twice: one item per flag")
-    fixed = [f for f in flags if f in train.given_flags(base)]
+    given = train.given_flags(base)
+    fixed = [f for f in flags if f in given]
     if fixed:
         raise UserError(
             f"--{fixed[0]} is searched (--space) and fixed (after --): each trial would take the searched value; "

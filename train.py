@@ -79,7 +79,9 @@ def given_flags(argv: Sequence[str]) -> set[str]:
 # Recipes: --config FILE sets defaults; the command line still wins.
 def recipe_argv(path: str) -> list[str]:
     """A recipe as command-line words, to be put before the given ones (so that those win)."""
-    values, flags = rundir.read_recipe(path), flag_defaults()
+    checker = get_parser()  # one parser checks every pair, its errors raised (see recipe_words)
+    checker.error = refused  # type: ignore[method-assign]
+    values, flags = rundir.read_recipe(path), vars(checker.parse_args([]))
     unknown = [k for k in values if k not in flags and k not in rundir.DATA_FACTS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), list(flags), n=1, cutoff=0.5)
@@ -95,11 +97,15 @@ def recipe_argv(path: str) -> list[str]:
     for key, value in values.items():
         if key in facts or key in ("config", "resume") or (value is None and flags[key] is None):
             continue  # null where the flag's default is None (a run's config.json): the default
-        words += recipe_words(path, key, value, flags[key])
+        words += recipe_words(path, key, value, flags[key], checker)
     return words
 
 
-def recipe_words(path: str, key: str, value: Any, default: Any) -> list[str]:
+def refused(message: str) -> NoReturn:
+    raise UserError(message)
+
+
+def recipe_words(path: str, key: str, value: Any, default: Any, checker: argparse.ArgumentParser) -> list[str]:
     """One recipe pair as command-line words, checked by train.py's own parser: a value it refuses (a list for a
     one-value flag, `epochs:` left empty, a word for a number) is a `UserError` naming the file and the pair."""
     if value is None:
@@ -112,16 +118,13 @@ def recipe_words(path: str, key: str, value: Any, default: Any) -> list[str]:
         words = [f"--{key}", *map(str, value)]
     else:
         words = [f"--{key}", str(value)]
-    parser = get_parser()
-
-    def refuse(message: str) -> NoReturn:
+    try:
+        checker.parse_args(words)
+    except UserError as e:
         raise UserError(
-            f"--config {path}: '{key}: {value}' is refused ({message}); fix the value (python train.py --help lists "
-            "the flags)"
-        )
-
-    parser.error = refuse  # type: ignore[method-assign]
-    parser.parse_args(words)
+            f"--config {path}: '{key}: {value}' is refused ({e}); fix the value (python train.py --help lists the "
+            "flags)"
+        ) from None
     return words
 
 

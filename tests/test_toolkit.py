@@ -107,6 +107,7 @@ def test_class_weights_and_the_weighted_sampler_together_warn_once(capsys, monke
     for alone in (["--class_weights"], ["--sampler", "weighted"]):
         options.check_args(train.parse_args(alone), train.flag_defaults())
     monkeypatch.setenv("RANK", "1")  # another torchrun process: rank 0 has said it
+    monkeypatch.setenv("WORLD_SIZE", "2")
     options.check_args(train.parse_args(["--class_weights", "--sampler", "weighted"]), train.flag_defaults())
     assert "twice" not in capsys.readouterr().err
 
