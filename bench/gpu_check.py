@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gpu_check.py                                         # parts 1 and 2, synthetic faces
     .venv/bin/python bench/gpu_check.py --recipe ../shared/data/maskdev         # and part 3 on maskdev
-    .venv/bin/python bench/gpu_check.py --recipe ../shared/data/maskdev --weights efficientnet_b0.safetensors
+    .venv/bin/python bench/gpu_check.py --recipe ../shared/data/maskdev --weights efficientnet_b3.safetensors
 
 1. Throughput. For each path: a fresh model (--model/--backbone at --resize, the README's GPU recipe by default)
    trains --steps steps fed from memory (batches made beforehand, already on the device) and as many fed by the
@@ -11,9 +11,10 @@
    with GradScaler, bf16, bf16 + channels_last, + torch.compile, + --gpu_aug (augmentation.BatchAugment on the
    device instead of the workers), and DataParallel over every GPU when more than one is visible. The step is
    the training loop's (predict.autocast, predict.make_scaler, engine.wrap_model).
-2. train.py itself, one epoch each: the GPU recipe's flags, the defaults (which take --gpu_aug on a GPU), and
+2. train.py itself, one epoch each: the GPU recipe's flags, the defaults (MultiHeadModel on tf_efficientnet_lite0
+   from its installed ImageNet weights, with --gpu_aug), and
    torchrun DistributedDataParallel (NCCL) over the visible GPUs. Exit status, seconds, validation macro F1.
-3. With --recipe DATA (a competition-layout folder with eval/truth.csv): bench_recipe.py's defaults and the
+3. With --recipe DATA (a competition-layout folder with eval/truth.csv): bench_recipe.py's pretrained defaults and the
    README's GPU recipe (from --weights when given, else from scratch): train time and eval macro F1.
 
 A row that fails prints its reason and the command exits 1; a path this machine cannot run (fp16 on a CPU,
@@ -56,9 +57,10 @@ import subset as subset_module  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
-# The README's GPU recipe (section "With a GPU and pretrained weights"), without its data and weights paths.
-GPU_RECIPE = ["--backbone", "efficientnet_b0", "--resize", "256", "192", "--lr", "1e-3", "--warmup_epochs", "1",
-              "--epochs", "20", "--amp", "bf16", "--channels_last", "--gpu_aug"]  # fmt: skip
+# The README's GPU recipe (section "On a GPU: a larger backbone from timm's hub"), without its data path and
+# --pretrained: the GPU machine has no network, so its weights come from --weights FILE (part 3) or a random start.
+GPU_RECIPE = ["--backbone", "efficientnet_b3", "--resize", "256", "192", "--lr", "1e-3", "--warmup_epochs", "1",
+              "--epochs", "10", "--amp", "bf16", "--channels_last", "--gpu_aug"]  # fmt: skip
 PATHS = {  # name: (amp, channels_last, compile, gpu_aug, data_parallel)
     "fp32": ("off", False, False, False, False),
     "fp16 + GradScaler": ("fp16", False, False, False, False),
@@ -77,7 +79,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64, help="images per step (per GPU under DataParallel)")
     p.add_argument("--resize", type=int, nargs=2, default=[256, 192], metavar=("H", "W"), help="network input")
     p.add_argument("--model", default="MultiHeadModel", help="model.py class or timm name")
-    p.add_argument("--backbone", default="efficientnet_b0", help="for MultiHeadModel")
+    p.add_argument("--backbone", default="efficientnet_b3", help="for MultiHeadModel (the GPU recipe's)")
     p.add_argument("--steps", type=int, default=60, help="timed steps per feed and path")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per feed first (compile, cuDNN autotune)")
     p.add_argument("--workers", type=int, default=None, help="loader workers; None: train.py's")
@@ -239,7 +241,8 @@ def train_runs(args: argparse.Namespace, device: torch.device, tmp: Path) -> lis
 def recipes(args: argparse.Namespace, tmp: Path) -> list[str]:
     """Part 3: bench_recipe.py's lines for the defaults and the GPU recipe on --recipe."""
     lines = []
-    gpu = [*GPU_RECIPE, *(["--pretrained_path", str(Path(args.weights).resolve())] if args.weights else [])]
+    weights = ["--pretrained_path", str(Path(args.weights).resolve())] if args.weights else ["--no-pretrained"]
+    gpu = [*GPU_RECIPE, *weights]
     for name, flags in (("defaults", []), ("GPU recipe" + ("" if args.weights else ", from scratch"), gpu)):
         command = [sys.executable, str(ROOT / "bench/bench_recipe.py"), "--data", str(Path(args.recipe).resolve()),
                    "--seeds", "1", "--model_dir", str(tmp / name.replace(" ", "_")), "--", *flags]  # fmt: skip

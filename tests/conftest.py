@@ -51,8 +51,12 @@ def write_label_csv(folder: Path, path: Path) -> Path:
 
 
 def tiny_run_args(demo_root: Path, *extra: str) -> list[str]:
-    """train.py flags for a one-epoch run on the tiny demo data at 64x48."""
-    return ["--data_dir", str(demo_root / "train/images"), "--epochs", "1", "--resize", "64", "48", *extra]
+    """train.py flags for a one-epoch run on the tiny demo data at 64x48, on the small from-scratch BaseModel
+    backbone unless `extra` names a model (a checkpoint of kilobytes, not Lite0's 50 MB: the tests of the run
+    machinery measure files, disks and epochs; tests/test_weights.py and the Quick start test run the default)."""
+    own = {"--model", "--backbone", "--config", "--resume"} & set(extra)
+    small = [] if own else ["--backbone", "BaseModel"]
+    return ["--data_dir", str(demo_root / "train/images"), "--epochs", "1", "--resize", "64", "48", *small, *extra]
 
 
 def run_script(

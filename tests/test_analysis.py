@@ -37,7 +37,7 @@ def test_hparams_hold_the_flags_and_final_metrics(run):
     content = accumulator.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     flags = start.session_start_info.hparams
-    assert flags["model"].string_value == "MultiHeadModel" and flags["lr"].number_value == pytest.approx(3e-3)
+    assert flags["model"].string_value == "MultiHeadModel" and flags["lr"].number_value == pytest.approx(1e-3)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     metrics = {m.name.tag for m in experiment.metric_infos}
     assert {"hparam/best_val_f1", "hparam/best_epoch", "hparam/val_gender_acc"} <= metrics

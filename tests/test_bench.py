@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,23 @@ def test_the_recipe_backbones_build_under_the_multi_head_model_and_plain_is_base
         widths[name] = net.backbone.num_features
     assert widths == {"Plain": 768, "Wide": 1024, "Narrow": 512, "Deep": 768, "Dropout5": 768}
     assert model.class_from_file(f"{spec}:Dropout5")().drop.p == 0.5
+
+
+TIMM_TRAIN = Path("/tmp/timm_peer/train.py")  # timm's train.py, fetched from its repository (not in the wheel)
+
+
+def test_bench_pretrained_prints_every_row_with_a_rate():
+    peer = ["--timm_train", str(TIMM_TRAIN)] if TIMM_TRAIN.is_file() else []
+    out = bench("bench_pretrained.py", "--n", "14", "--batch_size", "7", "--workers", "1", "--steps", "2",
+                "--rounds", "1", "--warmup", "1", "--resize", "32", "24", "--resize2", "40", "32", "--no-compile",
+                "--threads", "1", *peer)  # fmt: skip
+    rows = ("model only, --resize 32 24", "model only, --channels_last", "model only, --freeze_stages 2",
+            "model only, --freeze_stages 3", "model only, --resize 40 32",
+            r"loader-fed, train\.py's feed \(--gpu_aug\)")  # fmt: skip
+    for row in rows:
+        found = re.search(rf"(?m)^{row} +([\d.]+) +([\d.]+)$", out)
+        assert found and float(found[1]) > 0 and float(found[2]) > 0, (row, out)
+    assert re.search(r"(?m)^model only, --compile +skipped: --no-compile$", out), out
+    timm = re.search(r"(?m)^timm train\.py, --workers 1 +(?:([\d.]+) +[\d.]+  \(\d+s wall, .+\)|(skipped: .+))$", out)
+    assert timm and (float(timm[1]) > 0 if peer else timm[2] is not None), out
+    assert re.search(r"(?m)^loader-fed / model only: [\d.]+ \(target >= 0\.95\)", out), out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_weights import seed_hub_cache
 
 from conftest import ROOT, run_script, tiny_run_args, write_folder_dataset, write_label_csv
 
@@ -56,7 +57,7 @@ def test_quick_start_run_command_trains_and_writes_a_submission(tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "generating the demo data set in data/demo" in trained.stdout
     f1s = [float(m) for m in re.findall(r"val loss \S+ acc\s+\S+ f1 (\S+)", trained.stdout)]
-    assert len(f1s) == 24 and max(f1s) > 0.3  # the default epochs; chance is about 0.05
+    assert len(f1s) == 6 and max(f1s) > 0.3  # the default epochs; chance is about 0.05
     inferred = run_script("inference.py", cwd=tmp_path, timeout=300, isolated=True)
     assert inferred.returncode == 0, inferred.stderr
     submission = pd.read_csv(tmp_path / "output/output.csv")
@@ -90,10 +91,13 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
         "label_fixes.csv": write_label_fixes(demo_root, tmp_path / "label_fixes.csv"),
         "flips.csv": write_label_fixes(demo_root, tmp_path / "flips.csv"),
         "recipe.yaml": write_recipe(tmp_path / "recipe.yaml"),
+        "recipes/scratch.yaml": ROOT / "recipes/scratch.yaml",  # shipped with the project
         "nets/mynet.py:TinyNet": f"{write_user_model(tmp_path / 'nets/mynet.py')}:TinyNet",
     }
-    if "efficientnet_b0.safetensors" in args:  # the GPU recipe's local weights: timm's backbone, as downloaded
-        paths["efficientnet_b0.safetensors"] = write_timm_weights("efficientnet_b0", tmp_path / "weights.safetensors")
+    env = None
+    if "--pretrained" in args and "--backbone" in args:  # the hub's weights, as a download leaves them in its cache
+        env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+        seed_hub_cache(args[args.index("--backbone") + 1], tmp_path / "hf")
     args = [str(paths.get(a, a)) for a in args]
     if args[0] == "train.py" and "--resume" in args:  # a run to resume: one epoch of it, resumed to two
         name = Path(args[args.index("--resume") + 1]).name
@@ -131,7 +135,7 @@ def test_example_commands_run(command, demo_root, tiny_runs, tmp_path):
         entries = [Path(a) for a in itertools.takewhile(lambda a: not a.startswith("--"), args[start:])]
         for name in (p.parent.name if p.suffix == ".pth" else p.name for p in entries):
             copy_run(tiny_runs("kfold" if name == "kfold" else "plain"), tmp_path, name)
-    result = run_script(args[0], *args[1:], cwd=tmp_path)
+    result = run_script(args[0], *args[1:], cwd=tmp_path, env=env, isolated=env is not None)  # hub: read at import
     assert result.returncode == 0, result.stderr
 
 
@@ -154,15 +158,6 @@ def tiny_runs(demo_root, tmp_path_factory):
 
 def copy_run(run: Path, cwd: Path, name: str) -> None:
     shutil.copytree(run, cwd / "model" / name)
-
-
-def write_timm_weights(name: str, path: Path) -> Path:
-    """A weights file shaped like timm's published ImageNet weights of `name` (classifier included)."""
-    import timm
-    from safetensors.torch import save_file
-
-    save_file(timm.create_model(name).state_dict(), str(path))
-    return path
 
 
 def write_recipe(path: Path) -> Path:

@@ -220,7 +220,7 @@ def test_every_key_a_run_writes_in_config_json_is_a_flag_or_a_fact_a_recipe_skip
 
 BAD_RECIPE_VALUES = {
     "epochs: [1, 2]": "'epochs: [1, 2]' is refused (unrecognized arguments: 2)",
-    "epochs:": "'epochs' has no value; write one (the default is 24) or delete it",
+    "epochs:": "'epochs' has no value; write one (the default is 6) or delete it",
     "epochs: {a: 1}": "'epochs: {'a': 1}' is refused (argument --epochs: invalid int value",
     "epochs: true": "'epochs: True' is refused (argument --epochs: expected one argument)",
     "lr: fast": "'lr: fast' is refused (argument --lr: invalid float value: 'fast')",

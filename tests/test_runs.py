@@ -44,7 +44,7 @@ def test_table_lists_every_run_and_only_the_flags_that_differ(model_dir, tmp_pat
     assert list(table.columns[:8]) == first
     assert set(table.columns[8:]) == {"n_splits", "fold", "lr"}  # the flags that differ; epochs, seed, ... do not
     rows = table.set_index("name")
-    assert rows.loc["base", "lr"] == "0.003" and rows.loc["lr", "lr"] == "0.01"
+    assert rows.loc["base", "lr"] == "0.001" and rows.loc["lr", "lr"] == "0.01"
     assert rows.loc["base", "size"] == "64x48" and rows.loc["base", "model"] == "MultiHeadModel"
     assert rows.loc["kfold", "fold"] == "all" and rows.loc["base", "fold"] == "None"
     f1 = table["best_f1"].astype(float)
