@@ -143,11 +143,13 @@ def test_bench_pretrained_prints_every_row_with_a_rate():
                 "--threads", "1", *peer)  # fmt: skip
     rows = ("model only, --resize 32 24", "model only, --channels_last", "model only, --freeze_stages 2",
             "model only, --freeze_stages 3", "model only, --resize 40 32",
-            r"loader-fed, train\.py's feed \(--gpu_aug\)")  # fmt: skip
+            r"loader-fed, train\.py's feed \(--gpu_aug\)", "model only, --channels_last --freeze_stages 3",
+            "loader-fed, --channels_last --freeze_stages 3")  # fmt: skip
     for row in rows:
         found = re.search(rf"(?m)^{row} +([\d.]+) +([\d.]+)$", out)
         assert found and float(found[1]) > 0 and float(found[2]) > 0, (row, out)
     assert re.search(r"(?m)^model only, --compile +skipped: --no-compile$", out), out
     timm = re.search(r"(?m)^timm train\.py, --workers 1 +(?:([\d.]+) +[\d.]+  \(\d+s wall, .+\)|(skipped: .+))$", out)
     assert timm and (float(timm[1]) > 0 if peer else timm[2] is not None), out
-    assert re.search(r"(?m)^loader-fed / model only: [\d.]+ \(target >= 0\.95\)", out), out
+    assert re.search(r"(?m)^loader-fed / model only: [\d.]+; with train\.py's defaults \(--channels_last "
+                     r"--freeze_stages 3\): [\d.]+ \(target >= 0\.95\)", out), out  # fmt: skip

@@ -69,7 +69,8 @@ def test_logged_validation_f1_is_over_every_validation_image(trained, demo_root)
     _, run, _ = trained
     config = json.loads((run / "config.json").read_text())
     best = utils.load_checkpoint(run / "best.pth")
-    net = model.build_model(config["model"], 18, **labels.model_kwargs())
+    net = model.build_model(config["model"], 18, backbone=config["backbone"], freeze_stages=config["freeze_stages"],
+                            **labels.model_kwargs())  # fmt: skip
     net.load_state_dict(best["model"])
     data = dataset.MaskSplitByProfileDataset(config["data_dir"], config["val_ratio"], config["seed"])
     aug = getattr(augmentation, config["augmentation"])(config["resize"], config["mean"], config["std"])
@@ -116,7 +117,7 @@ def test_inference_defaults_find_the_newest_run_and_its_eval_data(trained, demo_
     "change, message",
     [
         ({"num_classes": 3}, "only for the 18 mask classes"),  # the multi-head default cannot have 3 classes
-        ({"model": "BaseModel", "num_classes": 3}, "does not match the model"),  # weights of another model
+        ({"model": "BaseModel", "backbone": None, "freeze_stages": 0, "num_classes": 3}, "does not match the model"),
     ],
 )
 def test_inference_rejects_a_checkpoint_with_another_class_count(trained, tmp_path, change, message):

@@ -21,7 +21,7 @@ from conftest import run_script, tiny_run_args
 
 
 def flags(demo_root, tmp_path, *extra: str) -> list[str]:
-    return [*tiny_run_args(demo_root, "--num_workers", "0"), "--model_dir", str(tmp_path / "model"), *extra]
+    return tiny_run_args(demo_root, "--num_workers", "0", "--model_dir", str(tmp_path / "model"), *extra)
 
 
 def train_here(argv: list[str]):

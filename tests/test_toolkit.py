@@ -55,7 +55,9 @@ def test_folder_per_class_data_trains_and_predicts_with_two_commands(tmp_path):
     assert trained.returncode == 0, trained.stderr
     config = pd.read_json(tmp_path / "model/exp/config.json", typ="series")
     assert config["class_names"] == ["cat", "dog"]
-    assert (config["model"], config["augmentation"]) == ("BaseModel", "BaseAugmentation")  # not the face defaults
+    # Not the face defaults: one head on the installed ImageNet weights, a plain resize.
+    assert (config["model"], config["augmentation"]) == ("tf_efficientnet_lite0", "BaseAugmentation")
+    assert config["weights"]["source"] == "package" and config["mean"] == [0.5, 0.5, 0.5]
     inferred = run_script("inference.py", "--data_dir", str(tmp_path / "pets"), "--ans_format", "name", cwd=tmp_path)
     assert inferred.returncode == 0, inferred.stderr
     submission = pd.read_csv(tmp_path / "output/output.csv")

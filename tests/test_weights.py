@@ -74,6 +74,18 @@ def test_converted_lite0_sees_natural_images_as_it_stored_them(natural_batch):
     assert fresh.max() > 0.6, fresh.round(2)
 
 
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_the_same_converter_serves_lite1_and_lite2(arch, natural_batch):
+    """The optional packages (requirements-dev.txt installs them): more blocks per stage, the same names."""
+    if weights.package_file(arch) is None:
+        pytest.skip(f"{weights.PACKAGES[arch][0]} is not installed")
+    net = model_module.build_model(arch, 1000, pretrained=True)
+    state = torch.load(weights.package_file(arch), map_location="cpu", weights_only=True)
+    assert len(state) == len(net.state_dict()) and torch.equal(net.conv_head.weight, state["_conv_head.weight"])
+    offsets = batchnorm_offsets(net, natural_batch)
+    assert offsets.max() < 0.3, offsets.round(2)
+
+
 def test_a_permuted_mapping_fails_the_natural_image_check(natural_batch, monkeypatch):
     roles = dict(weights.BLOCK_ROLES["InvertedResidual"])
     roles["_bn0"], roles["_bn1"] = roles["_bn1"], roles["_bn0"]  # expansion and depthwise BatchNorm: same shapes
